@@ -1,0 +1,296 @@
+"""LLaMA, as LIMA fine-tunes it (LIMA.md §2; Touvron et al. 2023).
+
+Pre-norm decoder: RMSNorm, rotary position embeddings (Meta's interleaved pairs), SwiGLU
+feed-forward, no biases, untied embedding and output head. Parameter names are Meta's
+(`tok_embeddings`, `layers.{i}.attention.wq`, `feed_forward.w1`, `attention_norm`, `output`),
+so a Meta checkpoint loads with strict=True.
+
+One forward serves three uses:
+- training on a packed batch: tokens (1, T) holding several examples, `cu_seqlens` marks
+  where each starts; positions restart and attention stops at every boundary;
+- plain batches (B, T), every row one sequence from position 0;
+- decoding with a KV cache (`setup_cache`, then `input_pos`), as in gpt-fast.
+LIMA's one architectural addition is depth-scaled residual dropout (LIMA.md §4).
+"""
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+IGNORE_INDEX = -100  # targets with this value do not count in the loss
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: = n_heads (LLaMA 1); Llama-2 70B uses 8 (GQA)
+    vocab_size: int = 32000  # 32001 once the end-of-turn token is added (LIMA.md §3)
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None  # Llama-2 70B: 1.3
+    norm_eps: float = 1e-6  # always read from params.json / config.json, never assumed
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048  # LIMA §3: 2048 tokens
+    resid_dropout: float = 0.0  # p_max of the depth-scaled residual dropout (LIMA §3: 0.3)
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_hidden(self):
+        # Meta: 2/3 of 4*dim (SwiGLU has three matrices), optionally scaled, rounded up
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+PRESETS = {
+    "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16,
+                  max_seq_len=256),
+    # LLaMA 1 (Touvron et al. 2023, Table 2); LIMA fine-tunes 65B, ablates on 7B
+    "7B": dict(dim=4096, n_layers=32, n_heads=32),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40),
+    "30B": dict(dim=6656, n_layers=60, n_heads=52),
+    "65B": dict(dim=8192, n_layers=80, n_heads=64, norm_eps=1e-5),
+    # Llama 2 (context 4096; 70B uses grouped-query attention with 8 KV heads)
+    "llama2-7B": dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-5, max_seq_len=4096),
+    "llama2-13B": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-5, max_seq_len=4096),
+    "llama2-70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
+                       multiple_of=4096, norm_eps=1e-5, max_seq_len=4096),
+}
+
+
+def model_args(preset, **overrides):
+    return replace(ModelArgs(**PRESETS[preset]), **overrides)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+def rope_angles(positions, head_dim, theta):
+    """positions (...,) int -> cos, sin of shape (..., head_dim // 2), in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each consecutive pair (x[2i], x[2i+1]) by its angle: Meta's convention.
+
+    x: (B, T, n_heads, head_dim); cos, sin: (T, head_dim // 2) or (B, T, head_dim // 2).
+    """
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B or 1, T, 1, head_dim // 2)
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, n_heads, head_dim // 2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def packed_positions(cu_seqlens, total):
+    """Position of every token within its own example: 0, 1, .. restarting at each boundary."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    starts = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=total)
+    return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position decoded so far, per layer; made on demand.
+
+    Row b of a batch writes its token at its own position input_pos[b]; a query at position p
+    sees the cached keys 0..p of its row. Slots past a row's position may hold stale values
+    from a padded prefill: the mask hides them and later steps overwrite them.
+    """
+
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        # input_pos (B, T); k, v (B, T, n_kv_heads, head_dim)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, input_pos] = k.to(self.k.dtype)
+        self.v[rows, input_pos] = v.to(self.v.dtype)
+        return self.k[: k.shape[0]], self.v[: k.shape[0]]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.kv_cache = None
+
+    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is None:
+            out = kernels.attention(q, k, v, cu_seqlens)  # (B, T, n_heads, head_dim)
+        else:
+            out = self._cached_attention(q, k, v, input_pos)
+        return self.wo(out.reshape(B, T, -1))
+
+    def _cached_attention(self, q, k, v, input_pos):
+        k, v = self.kv_cache.update(input_pos, k, v)  # (B, S, n_kv_heads, head_dim)
+        S = k.shape[1]
+        # query at position p sees keys 0..p of its own row: (B, 1, T, S)
+        mask = torch.arange(S, device=q.device)[None, None, :] <= input_pos[:, :, None]
+        n_rep = self.n_heads // self.n_kv_heads
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T or S, head_dim)
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None])
+        return out.transpose(1, 2)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_hidden, bias=False)  # gate
+        self.w2 = nn.Linear(args.ffn_hidden, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.ffn_hidden, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        # LIMA §3: "we linearly raise the residual dropout rate across the layers",
+        # p_l = p_max * l / (L - 1): 0 at the bottom layer, p_max at the top.
+        self.resid_dropout = args.resid_dropout * layer_id / max(args.n_layers - 1, 1)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None):
+        # dropout on each sub-block's output, before it joins the residual stream
+        h = self.attention(self.attention_norm(x), cos, sin, cu_seqlens, input_pos)
+        x = x + F.dropout(h, self.resid_dropout, self.training)
+        h = self.feed_forward(self.ffn_norm(x))
+        return x + F.dropout(h, self.resid_dropout, self.training)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, tokens, targets=None, cu_seqlens=None, input_pos=None, reduction="mean"):
+        """tokens (B, T) -> logits (B, T, vocab_size) in fp32, or (logits, loss) with targets.
+
+        cu_seqlens: int32 (n + 1,) boundaries of the examples packed in a (1, T) batch.
+        input_pos: (B, T) cache slots of these tokens when decoding with `setup_cache`.
+        reduction: "mean" over counted targets, or "sum" (train.py divides by the number of
+        supervised tokens in the whole optimizer step).
+        """
+        B, T = tokens.shape
+        if input_pos is not None:
+            positions = input_pos  # (B, T)
+        elif cu_seqlens is not None:
+            positions = packed_positions(cu_seqlens, T)  # (T,)
+        else:
+            positions = torch.arange(T, device=tokens.device)
+        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, cu_seqlens, input_pos)
+        logits = self.output(self.norm(h)).float()
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction=reduction)
+        return logits, loss
+
+    # ---- decoding -------------------------------------------------------------------------
+
+    def setup_cache(self, batch_size, max_seq_len=None, dtype=None):
+        max_seq_len = max_seq_len or self.args.max_seq_len
+        ref = self.output.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.args.kv_heads,
+                                               self.args.head_dim, dtype or ref.dtype, ref.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    # ---- vocabulary -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def add_tokens(self, n=1):
+        """Grow the vocabulary by n rows (the end-of-turn token, LIMA.md §3). Each new input
+        embedding row and output-head row starts as the mean of the existing rows, so the new
+        token begins as an 'average' token rather than a random direction."""
+        old_emb, old_out = self.tok_embeddings.weight, self.output.weight
+        V = old_emb.shape[0]
+        emb = nn.Embedding(V + n, self.args.dim, device=old_emb.device, dtype=old_emb.dtype)
+        out = nn.Linear(self.args.dim, V + n, bias=False, device=old_out.device, dtype=old_out.dtype)
+        emb.weight[:V] = old_emb
+        emb.weight[V:] = old_emb.float().mean(0).to(old_emb.dtype)
+        out.weight[:V] = old_out
+        out.weight[V:] = old_out.float().mean(0).to(old_out.dtype)
+        self.tok_embeddings, self.output = emb, out
+        self.args = replace(self.args, vocab_size=V + n)
+
+    # ---- initialisation and loading -------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """Random init for training from scratch (the demo); fine-tuning loads weights instead.
+        GPT-2 style: normal(0, 0.02), the two residual projections scaled by 1/sqrt(2L)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
+            else:
+                nn.init.normal_(p, std=std)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", **arg_overrides):
+        """Load a Meta, Hugging Face, or lima checkpoint directory (checkpoint.py)."""
+        import checkpoint
+        return checkpoint.load_model(path, dtype=dtype, device=device, **arg_overrides)
+
+    def save_pretrained(self, out_dir, tokenizer_path=None, extra=None):
+        """Write the Hugging Face LLaMA layout, atomically (checkpoint.py)."""
+        import checkpoint
+        checkpoint.save_model(self, out_dir, tokenizer_path=tokenizer_path, extra=extra)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
