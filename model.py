@@ -35,6 +35,7 @@ class ModelArgs:
     vocab_size: int = 32000  # 32001 once the end-of-turn token is added (LIMA.md §3)
     multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None  # Llama-2 70B: 1.3
+    hidden_dim: Optional[int] = None  # explicit SwiGLU width (HF's intermediate_size); None: derived
     norm_eps: float = 1e-6  # always read from params.json / config.json, never assumed
     rope_theta: float = 10000.0
     max_seq_len: int = 2048  # LIMA §3: 2048 tokens
@@ -50,6 +51,8 @@ class ModelArgs:
 
     @property
     def ffn_hidden(self):
+        if self.hidden_dim is not None:
+            return self.hidden_dim
         # Meta: 2/3 of 4*dim (SwiGLU has three matrices), optionally scaled, rounded up
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
