@@ -63,6 +63,8 @@ class ModelArgs:
 PRESETS = {
     "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16,
                   max_seq_len=256),
+    # the built-in demo (train.py --preset demo): learns the chat format on a CPU in minutes
+    "demo": dict(dim=128, n_layers=4, n_heads=4, multiple_of=32, max_seq_len=512),
     # LLaMA 1 (Touvron et al. 2023, Table 2); LIMA fine-tunes 65B, ablates on 7B
     "7B": dict(dim=4096, n_layers=32, n_heads=32),
     "13B": dict(dim=5120, n_layers=40, n_heads=40),
