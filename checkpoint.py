@@ -1,0 +1,600 @@
+"""Checkpoints in and out: Meta's and Hugging Face's LLaMA layouts (LIMA.md §2).
+
+Reading, `load_model(path)`: the layout is detected from the files,
+- Meta: params.json + consolidated.00.pth .. consolidated.NN.pth (model-parallel shards, merged
+  one tensor at a time), tokenizer.model beside them or in the parent folder;
+- Hugging Face: config.json + model.safetensors, model-*.safetensors with
+  model.safetensors.index.json, or pytorch_model*.bin (+ pytorch_model.bin.index.json);
+- ours: the Hugging Face layout plus lima.json (our extras: EOT id, training config).
+Every tensor comes out under Meta's name and in Meta's q/k row order, whatever the source.
+
+Memory: the model is built on the meta device (no random-init copy), files are opened lazily
+(torch.load(mmap=True), safetensors' safe_open), and each parameter is assigned the tensor
+read for it. So host memory holds at most the weights once, plus one tensor in flight; at 65B
+that is the difference between fitting and not.
+
+Writing, `save_hf(out_dir, ...)`: the Hugging Face LLaMA layout, so transformers, vLLM and
+llama.cpp's converter read it as it is. Written into a temporary directory beside out_dir,
+fsync'd, then renamed into place: out_dir is never half-written.
+"""
+
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import ModelArgs, Transformer
+
+META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
+HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_SINGLES = ("model.safetensors", "pytorch_model.bin")
+EOT_PIECE = "<eot>"  # how HF tokenizers and llama.cpp see our end-of-turn token (LIMA.md §3)
+EXPECTED_LAYOUTS = (
+    "Expected a checkpoint directory in Meta's layout (params.json + consolidated.00.pth, "
+    "consolidated.01.pth, ...) or Hugging Face's (config.json + model.safetensors, or "
+    "model-0000i-of-0000n.safetensors + model.safetensors.index.json, or pytorch_model*.bin).")
+
+
+def _torch_load(file):
+    # weights_only: no pickled code runs; mmap: a 16 GB shard costs nothing until a tensor is
+    # touched, and then only that tensor's pages, which the OS can drop again (file-backed)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{file}: cannot be read as a PyTorch weights file ({e}). Re-download "
+                         f"it, or convert a very old (pre-zip) .pth with a plain torch.load "
+                         f"and torch.save.") from e
+
+
+def _read_json(file):
+    with open(file) as f:
+        return json.load(f)
+
+
+# ---- which layout ----------------------------------------------------------------------------
+
+def detect_layout(path):
+    """-> "meta" or "hf" (a checkpoint we wrote is "hf" plus lima.json)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory. Pass the checkpoint "
+                                f"directory (the one holding params.json or config.json).")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is a file; pass the directory that holds it "
+                         f"({os.path.dirname(path) or '.'}) instead.")
+    files = sorted(os.listdir(path))
+    if "params.json" in files:
+        if not any(META_SHARD.fullmatch(f) for f in files):
+            raise FileNotFoundError(f"{path}: params.json is here but no consolidated.NN.pth "
+                                    f"weights. Download the consolidated.*.pth files beside it.")
+        return "meta"
+    if "config.json" in files:
+        if not any(f in files for f in HF_INDEXES + HF_SINGLES):
+            raise FileNotFoundError(
+                f"{path}: config.json is here but no weights ({', '.join(HF_SINGLES + HF_INDEXES)})."
+                f" Found: {_listing(files)}. Download the weight files beside config.json.")
+        return "hf"
+    raise ValueError(f"{path}: not a checkpoint I can read. Found: {_listing(files)}. "
+                     f"{EXPECTED_LAYOUTS}")
+
+
+def _listing(files, n=12):
+    if not files:
+        return "nothing (empty directory)"
+    return ", ".join(files[:n]) + (f", ... ({len(files)} in all)" if len(files) > n else "")
+
+
+def _meta_shards(path):
+    """consolidated.00.pth .. consolidated.NN.pth, every one present, in order."""
+    found = {int(m.group(1)): m.group(0) for f in os.listdir(path) if (m := META_SHARD.fullmatch(f))}
+    missing = [f"consolidated.{i:02d}.pth" for i in range(max(found) + 1) if i not in found]
+    if missing:
+        raise FileNotFoundError(
+            f"{path}: {', '.join(missing)} missing (found {', '.join(sorted(found.values()))}). "
+            f"A Meta checkpoint of N shards has every consolidated.00.pth .. consolidated.NN.pth; "
+            f"download the missing file(s).")
+    return [os.path.join(path, found[i]) for i in sorted(found)]
+
+
+def _hf_weight_files(path):
+    """[(file, names the index puts there, or None: all of them)], safetensors preferred."""
+    for index_name in HF_INDEXES:
+        index = os.path.join(path, index_name)
+        if not os.path.isfile(index):
+            continue
+        by_file = {}
+        for name, file in _read_json(index)["weight_map"].items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in by_file.items():
+            if not os.path.isfile(os.path.join(path, file)):
+                raise FileNotFoundError(
+                    f"{index} lists {file} (holding {names[0]} and {len(names) - 1} more tensors) "
+                    f"but {os.path.join(path, file)} does not exist. Download the missing shard.")
+        return [(os.path.join(path, file), names) for file, names in by_file.items()]
+    for single in HF_SINGLES:
+        if os.path.isfile(os.path.join(path, single)):
+            return [(os.path.join(path, single), None)]
+    raise FileNotFoundError(f"{path}: no Hugging Face weight files. {EXPECTED_LAYOUTS}")
+
+
+# ---- model arguments -------------------------------------------------------------------------
+
+def load_args(path):
+    """ModelArgs from params.json (Meta) or config.json (Hugging Face)."""
+    path = os.fspath(path)
+    if detect_layout(path) == "meta":
+        return _meta_args(path)
+    return _hf_args(os.path.join(path, "config.json"))
+
+
+def _meta_args(path):
+    file = os.path.join(path, "params.json")
+    p = _read_json(file)
+    if p.get("use_scaled_rope"):
+        raise ValueError(f"{file}: use_scaled_rope (Llama 3.1 RoPE scaling) is not implemented; "
+                         f"this project reads LLaMA 1 and Llama 2 checkpoints.")
+    if "norm_eps" not in p:  # LIMA.md §2: read it, never assume it (1e-6 vs 1e-5)
+        raise ValueError(f"{file}: has no norm_eps. Use the params.json that came with the weights.")
+    vocab = p.get("vocab_size", -1)
+    if vocab <= 0:  # Meta writes -1: the vocabulary is the embedding's row count
+        vocab = _meta_vocab(_meta_shards(path)[0])
+    return ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+                     n_kv_heads=p.get("n_kv_heads"), vocab_size=vocab,
+                     multiple_of=p.get("multiple_of", 256),
+                     ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=p["norm_eps"],
+                     rope_theta=p.get("rope_theta", 10000.0),
+                     max_seq_len=p.get("max_seq_len", ModelArgs.max_seq_len))
+
+
+def _meta_vocab(shard0):
+    # tok_embeddings is split on dim 1 (features), so every shard has all the rows; with
+    # mmap, reading its shape touches no weight data
+    weights = _torch_load(shard0)
+    if "tok_embeddings.weight" not in weights:
+        raise ValueError(f"{shard0}: no tok_embeddings.weight; not a LLaMA checkpoint shard.")
+    return weights["tok_embeddings.weight"].shape[0]
+
+
+def _hf_args(file):
+    c = _read_json(file)
+    _check_hf_config(c, file)
+    rope = c.get("rope_parameters") or {}  # transformers >= 5 moves rope_theta in here
+    return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+                     n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads"),
+                     vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"],
+                     norm_eps=c.get("rms_norm_eps", 1e-6),  # LlamaConfig's own default
+                     rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                     max_seq_len=c.get("max_position_embeddings", ModelArgs.max_seq_len))
+
+
+def _check_hf_config(c, file):
+    """Refuse what our model does not compute, rather than load it and generate nonsense."""
+    problems = []
+    if c.get("model_type", "llama") != "llama":
+        problems.append(f"model_type is {c['model_type']!r}, not 'llama'")
+    if c.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {c['hidden_act']!r} (SwiGLU needs silu)")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        problems.append("biases in attention or MLP")
+    if c.get("tie_word_embeddings"):
+        problems.append("tied input and output embeddings (LLaMA's are untied)")
+    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        problems.append(f"RoPE scaling {rope}")
+    head_dim = c.get("head_dim")
+    if head_dim is not None and head_dim * c["num_attention_heads"] != c["hidden_size"]:
+        problems.append(f"head_dim {head_dim} != hidden_size / num_attention_heads")
+    if problems:
+        raise ValueError(f"{file}: not a plain LLaMA model this project implements: "
+                         f"{'; '.join(problems)}.")
+
+
+def expected_shapes(args):
+    """{meta name: shape} of every parameter, from a model built on the meta device (free)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+# ---- names and the q/k permutation -----------------------------------------------------------
+
+HF_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+HF_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+            "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+            "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+            "ffn_norm": "post_attention_layernorm"}
+META_TOP = {hf: meta for meta, hf in HF_TOP.items()}
+META_LAYER = {hf: meta for meta, hf in HF_LAYER.items()}
+
+
+def meta_to_hf_name(name):
+    """layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight"""
+    stem = name.removesuffix(".weight")
+    if stem in HF_TOP:
+        return HF_TOP[stem] + ".weight"
+    _, i, rest = stem.split(".", 2)  # "layers", "3", "attention.wq"
+    return f"model.layers.{i}.{HF_LAYER[rest]}.weight"
+
+
+def hf_to_meta_name(name):
+    """The inverse; None for a name that is not a LLaMA parameter."""
+    stem = name.removesuffix(".weight")
+    if stem in META_TOP:
+        return META_TOP[stem] + ".weight"
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
+    if m and m.group(2) in META_LAYER:
+        return f"layers.{m.group(1)}.{META_LAYER[m.group(2)]}.weight"
+    return None
+
+
+def permute_to_hf(w, n_heads):
+    """Meta's interleaved-pair rows of wq/wk -> HF's rotate-half order (LIMA.md §2).
+
+    Within each head, Meta rotates pairs (row 2i, row 2i+1); HF rotates (row i, row i + d/2).
+    (n_heads * head_dim, dim) -> (n_heads, head_dim // 2, 2, dim) -> swap the middle two.
+    """
+    rows, dim = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def permute_to_meta(w, n_heads):
+    """HF's rotate-half rows of wq/wk -> Meta's interleaved pairs: the inverse of the above."""
+    rows, dim = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def _qk_heads(name, args):
+    """How many heads a q/k matrix holds (wk has n_kv_heads under GQA), or None."""
+    if name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if name.endswith("attention.wk.weight"):
+        return args.kv_heads
+    return None
+
+
+# ---- reading weights -------------------------------------------------------------------------
+
+def iter_weights(path, args=None):
+    """Yield (meta_name, tensor), one full tensor at a time, in Meta's names and q/k order.
+
+    Every name and shape is checked against `args` (read from the checkpoint if not given);
+    an unknown, repeated, misshapen or missing tensor is an error naming the file. train.py
+    materialises its FSDP shards from this, parameter by parameter.
+    """
+    path = os.fspath(path)
+    args = args or load_args(path)
+    expected = expected_shapes(args)
+    seen, files = set(), []
+    source = _iter_meta(path) if detect_layout(path) == "meta" else _iter_hf(path, args)
+    for name, tensor, where in source:
+        if name not in expected or name in seen:
+            raise ValueError(f"{where}: {'repeated' if name in seen else 'unexpected'} tensor "
+                             f"{name!r}. This loader reads LLaMA checkpoints only; check that "
+                             f"the files in {path} all belong to one model.")
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(
+                f"{where}: {name} has shape {tuple(tensor.shape)}, but the config "
+                f"(params.json / config.json) says {expected[name]}. The config and the weights "
+                f"are from different models, or a shard is missing; use the files that were "
+                f"released together.")
+        seen.add(name)
+        if where not in files:
+            files.append(where)
+        yield name, tensor
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        raise ValueError(f"{', '.join(files)}: no {', '.join(missing[:5])}"
+                         f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''} in "
+                         f"these files. The checkpoint is incomplete: download it again.")
+
+
+# Meta's model-parallel split (LIMA.md §2): column-parallel matrices are cut along their output
+# rows (dim 0), row-parallel ones and the embedding along dim 1; norms are replicated.
+META_CAT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
+                "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def _iter_meta(path):
+    files = _meta_shards(path)
+    shards = [_torch_load(f) for f in files]  # mmap: nothing is read yet
+    where = files[0] if len(files) == 1 else f"{path} ({len(files)} consolidated shards)"
+    for name in list(shards[0]):
+        if name.startswith("rope.freqs"):  # a precomputed buffer, not a parameter
+            continue
+        pieces = []
+        for file, shard in zip(files, shards):
+            if name not in shard:
+                raise ValueError(f"{file}: has no {name} but consolidated.00.pth does; the shards "
+                                 f"are from different checkpoints. Download them again.")
+            pieces.append(shard.pop(name))  # drop our reference as we go
+        key = name.removesuffix(".weight").split(".")[-1]
+        if len(pieces) == 1 or key not in META_CAT_DIM:
+            tensor = pieces[0]  # one shard: the mmap'd tensor itself, no copy; norms: shard 0
+        else:
+            tensor = torch.cat(pieces, dim=META_CAT_DIM[key])
+        yield name, tensor, where
+
+
+def _iter_hf(path, args):
+    for file, names in _hf_weight_files(path):
+        with _open_weights(file) as (keys, get):
+            in_file = set(keys)
+            for hf_name in (names or keys):
+                if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older conversions saved
+                    continue
+                if hf_name not in in_file:
+                    raise ValueError(f"{file}: has no {hf_name}, though the index puts it there. "
+                                     f"The shard is corrupt or from another model; download it again.")
+                name = hf_to_meta_name(hf_name)
+                if name is None:
+                    raise ValueError(f"{file}: unexpected tensor {hf_name!r}; this loader reads "
+                                     f"LlamaForCausalLM checkpoints only.")
+                tensor = get(hf_name)
+                heads = _qk_heads(name, args)
+                if heads is not None and tensor.shape[0] % (2 * heads) == 0:
+                    # a misshapen q/k is left alone here and reported by iter_weights' check
+                    tensor = permute_to_meta(tensor, heads)
+                yield name, tensor, file
+
+
+@contextmanager
+def _open_weights(file):
+    """(names in the file, name -> tensor), reading one tensor per call."""
+    if file.endswith(".safetensors"):
+        with safe_open(file, framework="pt") as f:
+            yield list(f.keys()), f.get_tensor
+    else:
+        weights = _torch_load(file)
+        yield list(weights), weights.pop
+
+
+# ---- building the model ----------------------------------------------------------------------
+
+def load_model(path, dtype=torch.float32, device="cpu", **arg_overrides):
+    """A Transformer with the weights at `path`; arg_overrides replace ModelArgs fields
+    (e.g. resid_dropout=0.3 for training, max_seq_len)."""
+    args = replace(load_args(path), **arg_overrides)
+    with torch.device("meta"):
+        model = Transformer(args)  # shapes only: no memory, no random init to throw away
+    for name, tensor in iter_weights(path, args):
+        # What load_state_dict(assign=True) does, one parameter at a time: the parameter *is*
+        # the tensor read (no copy when dtype and device already match, e.g. an fp32 mmap'd
+        # Meta shard), so the weights are in memory once.
+        module_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module_name), leaf,
+                nn.Parameter(tensor.to(device=device, dtype=dtype)))
+    # iter_weights has checked that every parameter came exactly once; this guards the guard
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    assert not left, f"{path}: never filled: {left}"
+    return model
+
+
+def find_tokenizer(path):
+    """tokenizer.model in the checkpoint directory, or in its parent (Meta's download puts it
+    beside the 7B/ folder), or None."""
+    path = os.fspath(path)
+    for folder in (path, os.path.dirname(os.path.abspath(path))):
+        candidate = os.path.join(folder, "tokenizer.model")
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def load_model_and_tokenizer(path, tokenizer_path=None, dtype=torch.float32, device="cpu",
+                             **arg_overrides):
+    """(model, tokenizer); a tokenizer that does not fit the embedding fails before any
+    weights are read."""
+    from tokenizer import Tokenizer
+    tokenizer_path = tokenizer_path or find_tokenizer(path)
+    if tokenizer_path is None:
+        raise FileNotFoundError(f"{path}: no tokenizer.model in this directory or its parent. "
+                                f"Pass tokenizer_path= (the tokenizer.model of these weights).")
+    tok = Tokenizer(tokenizer_path)
+    tok.check_model_vocab(load_args(path).vocab_size, path)
+    return load_model(path, dtype=dtype, device=device, **arg_overrides), tok
+
+
+def read_extra(path):
+    """What lima.json holds (the `extra` given to save_hf), {} for a checkpoint not ours."""
+    file = os.path.join(os.fspath(path), "lima.json")
+    return _read_json(file) if os.path.isfile(file) else {}
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def save_model(model, out_dir, tokenizer_path=None, extra=None):
+    save_hf(out_dir, model.args, model.state_dict().items(), tokenizer_path=tokenizer_path,
+            extra=extra)
+
+
+def save_hf(out_dir, args, named_tensors, tokenizer_path=None, extra=None,
+            max_shard_bytes=2 * 2**30, dtype=None):
+    """Write the Hugging Face LLaMA layout at out_dir, atomically.
+
+    named_tensors: (meta_name, tensor) pairs, consumed one at a time (train.py streams
+    parameters gathered on rank 0), so at most one shard's worth of tensors is held.
+    dtype: cast on the way out (e.g. torch.bfloat16); None keeps each tensor's dtype.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent, base = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    _check_replaceable(out_dir)
+    bos, eos, eot = 1, 2, (extra or {}).get("eot_id")  # LLaMA's ids (LIMA.md §2)
+    if tokenizer_path is not None:
+        from tokenizer import Tokenizer
+        tok = Tokenizer(tokenizer_path)
+        tok.check_model_vocab(args.vocab_size, out_dir)
+        bos, eos = tok.bos_id, tok.eos_id
+        eot = tok.eot_id if args.vocab_size == tok.vocab_size else None
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)  # same filesystem: rename works
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is usually shared
+        torch_dtype = _write_shards(tmp, args, named_tensors, max_shard_bytes, dtype)
+        _write_json(os.path.join(tmp, "config.json"), hf_config(args, torch_dtype, bos, eos))
+        _write_json(os.path.join(tmp, "generation_config.json"), generation_config(bos, eos, eot))
+        if tokenizer_path is not None:
+            _write_tokenizer(tmp, tokenizer_path, tok, eot)
+        _write_json(os.path.join(tmp, "lima.json"), extra or {})
+        _fsync(tmp)
+        _swap_in(tmp, out_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception):  # KeyboardInterrupt: clean up, then let it through
+            raise
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        raise RuntimeError(
+            f"saving the checkpoint to {out_dir} failed: {e!r}. "
+            f"{'The disk is full: free space or save elsewhere. ' if full else ''}"
+            f"{out_dir} is as it was before (the partial write was removed).") from e
+
+
+def _check_replaceable(out_dir):
+    """An existing out_dir is replaced only if it is empty or a checkpoint, so a typo in the
+    output path cannot throw away someone's home directory."""
+    if not os.path.lexists(out_dir):
+        return
+    marks = ("config.json", "lima.json", "params.json")
+    if not os.path.isdir(out_dir) or (os.listdir(out_dir) and
+                                      not any(os.path.exists(os.path.join(out_dir, m)) for m in marks)):
+        raise FileExistsError(f"{out_dir} exists and is not a checkpoint directory; refusing to "
+                              f"replace it. Choose another output path or remove it yourself.")
+
+
+def _write_shards(tmp, args, named_tensors, max_shard_bytes, dtype):
+    """Stream tensors into safetensors shards of at most max_shard_bytes (a larger tensor gets a
+    shard of its own); name them model-0000i-of-0000n once n is known. -> the torch dtype."""
+    expected, seen = expected_shapes(args), set()
+    shards, current, current_bytes, total_bytes, torch_dtype = [], {}, 0, 0, dtype
+
+    def flush():
+        nonlocal current, current_bytes
+        shard = os.path.join(tmp, f"shard-{len(shards)}.safetensors")
+        _write_shard(current, shard)
+        shards.append((shard, list(current)))
+        current, current_bytes = {}, 0
+
+    for name, tensor in named_tensors:
+        if expected.get(name) != tuple(tensor.shape) or name in seen:
+            raise ValueError(f"cannot save {name!r} with shape {tuple(tensor.shape)}: the model "
+                             f"args say {expected.get(name, 'no such parameter')}"
+                             f"{' (and it came twice)' if name in seen else ''}.")
+        seen.add(name)
+        tensor = tensor.detach().to("cpu", dtype=dtype)
+        heads = _qk_heads(name, args)
+        if heads is not None:
+            tensor = permute_to_hf(tensor, heads)  # HF stores q/k rows for rotate-half RoPE
+        torch_dtype = torch_dtype or tensor.dtype
+        size = tensor.numel() * tensor.element_size()
+        if current and current_bytes + size > max_shard_bytes:
+            flush()
+        current[meta_to_hf_name(name)] = tensor.contiguous()
+        current_bytes, total_bytes = current_bytes + size, total_bytes + size
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        raise ValueError(f"cannot save: no tensors given for {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}.")
+    flush()
+
+    if len(shards) == 1:  # what transformers itself writes for a small model: no index
+        os.rename(shards[0][0], os.path.join(tmp, "model.safetensors"))
+        return torch_dtype
+    weight_map, n = {}, len(shards)
+    for i, (shard, names) in enumerate(shards, 1):
+        final = f"model-{i:05d}-of-{n:05d}.safetensors"
+        os.rename(shard, os.path.join(tmp, final))
+        weight_map.update({name: final for name in names})
+    _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
+    return torch_dtype
+
+
+def _write_shard(tensors, file):
+    save_file(tensors, file, metadata={"format": "pt"})  # transformers checks "format"
+    _fsync(file)
+
+
+def hf_config(args: ModelArgs, torch_dtype, bos_id=1, eos_id=2):
+    """config.json of transformers' LlamaForCausalLM (read also by vLLM and llama.cpp)."""
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden,
+        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": None,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
+        "initializer_range": 0.02, "use_cache": True,
+        "torch_dtype": dtype_name, "dtype": dtype_name,  # transformers < 5 and >= 5 spellings
+    }
+
+
+def generation_config(bos_id, eos_id, eot_id=None):
+    # LIMA §5: nucleus p 0.9, temperature 0.7, repetition penalty 1.2; stop at EOT as at EOS.
+    # (transformers' penalty also covers the prompt; LIMA.md §5 penalises only generated tokens.)
+    return {"bos_token_id": bos_id, "eos_token_id": eos_id if eot_id is None else [eos_id, eot_id],
+            "do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2}
+
+
+def _write_tokenizer(tmp, tokenizer_path, tok, eot):
+    """tokenizer.model as it is, plus the EOT token where the model's vocabulary has it:
+    added_tokens.json is what llama.cpp's converter reads, tokenizer_config.json what
+    transformers reads (marking it special, so decode can skip it)."""
+    shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+    _fsync(os.path.join(tmp, "tokenizer.model"))
+    piece = tok.sp.IdToPiece
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+              "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
+              "unk_token": piece(tok.sp.unk_id()), "added_tokens_decoder": {}}
+    if eot is not None:
+        _write_json(os.path.join(tmp, "added_tokens.json"), {EOT_PIECE: eot})
+        config["added_tokens_decoder"][str(eot)] = {
+            "content": EOT_PIECE, "special": True, "normalized": False,
+            "lstrip": False, "rstrip": False, "single_word": False}
+    _write_json(os.path.join(tmp, "tokenizer_config.json"), config)
+
+
+def _write_json(file, obj):
+    with open(file, "w") as f:
+        json.dump(obj, f, indent=2, default=str)  # default=str: a Path in a config is no crash
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path):
+    """Flush a file, or a directory's entries, to disk: a rename is only as durable as this."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(tmp, out_dir):
+    """rename(2) is atomic; with an old checkpoint at out_dir: move it aside, move the new one
+    in, then delete the old. A crash in between leaves both on disk, neither half-written."""
+    parent = os.path.dirname(out_dir)
+    if not os.path.lexists(out_dir):
+        os.rename(tmp, out_dir)
+    else:
+        old = os.path.join(parent, os.path.basename(tmp).replace(".tmp-", ".old-"))
+        os.rename(out_dir, old)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            os.rename(old, out_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(parent)
