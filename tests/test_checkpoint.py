@@ -299,6 +299,9 @@ def test_failed_save_leaves_previous_checkpoint(ours, tmp_path, monkeypatch):
         ours.save_pretrained(tmp_path / "fresh")
     assert os.listdir(tmp_path) == ["ckpt"]  # no temp dir, no half-written "fresh"
     assert checkpoint.read_extra(out) == {"epoch": 5}
+    monkeypatch.undo()  # the disk has room again: the next save replaces the old checkpoint
+    ours.save_pretrained(out, extra={"epoch": 6})
+    assert checkpoint.read_extra(out) == {"epoch": 6} and os.listdir(tmp_path) == ["ckpt"]
 
 
 def test_save_replaces_only_checkpoints(ours, tmp_path):
