@@ -459,6 +459,7 @@ def train(cfg):
     args, add_eot = resolve_model_args(cfg, meta)
     memory_plan(cfg, args, world_size, device, meta["max_len"])
     model = build_model(cfg, args, add_eot, device)
+    torch.manual_seed(cfg.seed + rank)  # dropout masks: repeatable, different on each rank
     optimizer = make_optimizer(model, cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
 
