@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from config import parse_config
-from tokenizer import Tokenizer, file_sha256
+from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_TRAIN = os.path.join(ROOT, "demo", "train.jsonl")
