@@ -110,7 +110,7 @@ def setup_distributed(device):
 
 
 def log(*args):
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, file=sys.stderr, flush=True)
 
 
@@ -279,9 +279,9 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
-def memory_plan(cfg, args, world_size, device, max_len):
+def memory_plan(cfg, args, world_size, device, max_len, capacity=None):
     """Bytes per GPU for the chosen options; printed at start, and a plan that cannot fit is
-    refused. Adam keeps two moments in the parameters' dtype; FSDP holds the shards plus about
+    refused (capacity: bytes per GPU; read from the device on CUDA). Adam keeps two moments in the parameters' dtype; FSDP holds the shards plus about
     two unsharded blocks (the current one and the prefetched next) in the compute dtype."""
     with torch.device("meta"):
         n = Transformer(args).num_params()
@@ -309,9 +309,13 @@ def memory_plan(cfg, args, world_size, device, max_len):
     lines += [f"  {k:<28}{v / 2**30:8.2f} GiB" for k, v in plan.items()]
     if cfg.cpu_offload:
         lines.append(f"  host memory per rank for offloaded state: {4 * n * pb / world_size / 2**30:.1f} GiB")
+    if cfg.param_dtype == "bf16":
+        lines.append("  note: bf16 master weights round away most updates at LIMA's lr (1e-5 on weights "
+                     "of ~1e-2 is below bf16's 8-bit mantissa); prefer fp32 with --cpu_offload or more GPUs")
     log("\n".join(lines))
-    if device.type == "cuda":
+    if capacity is None and device.type == "cuda":
         capacity = torch.cuda.get_device_properties(device).total_memory
+    if capacity is not None:
         if plan["total"] > 0.95 * capacity and not cfg.force:
             raise SystemExit(
                 f"the memory plan needs {plan['total'] / 2**30:.1f} GiB per GPU but the GPU has "
@@ -541,7 +545,10 @@ def train(cfg):
         end_of_epoch(model, optimizer, args, tokenizer, cfg, meta, epoch, step, dev_split, dev_prompts,
                      device, save_dtype)
     bar.close()
-    log(f"done: {step} steps; metrics in {metrics_path}")
+    saved = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("epoch_"))
+    log(f"done: {step} steps. In {cfg.out_dir}: metrics.jsonl (one line per step), dev.jsonl "
+        f"(dev loss per epoch), dev_generations/ (responses to read when picking a checkpoint), "
+        f"resume/ (for --resume), checkpoints {', '.join(saved) or 'none'}")
     dist.destroy_process_group()
 
 

@@ -188,3 +188,24 @@ def test_mismatched_tokenizer_is_refused(setup, tmp_path):
            "--data_dir", str(setup / "data"), "--out_dir", str(tmp_path / "out")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "Run prepare_data.py again with --tokenizer" in proc.stderr
+
+
+def test_memory_plan_refuses_what_cannot_fit_and_says_what_to_do():
+    # LIMA.md §4: 65B on 8 x 80 GB fits only with bf16 state, offload, or more GPUs
+    args = M.model_args("65B", vocab_size=32001)
+    gpu = torch.device("cuda")
+    cfg = train.TrainConfig()
+    with pytest.raises(SystemExit, match="--activation_checkpointing.*--cpu_offload"):
+        train.memory_plan(cfg, args, 8, gpu, 2048, capacity=80 * 2**30)
+    plan = train.memory_plan(train.TrainConfig(force=True), args, 8, gpu, 2048, capacity=80 * 2**30)
+    assert plan["optimizer state (sharded)"] == pytest.approx(2 * 4 * args_params(args) / 8)
+    fits = train.TrainConfig(param_dtype="bf16", activation_checkpointing=True, micro_batch_tokens=2048)
+    plan = train.memory_plan(fits, args, 8, gpu, 2048, capacity=80 * 2**30)
+    assert plan["total"] < 0.95 * 80 * 2**30
+    offload = train.TrainConfig(cpu_offload=True, activation_checkpointing=True, micro_batch_tokens=2048)
+    assert train.memory_plan(offload, args, 8, gpu, 2048, capacity=80 * 2**30)["parameters (sharded)"] == 0
+
+
+def args_params(args):
+    with torch.device("meta"):
+        return M.Transformer(args).num_params()
