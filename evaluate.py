@@ -2,6 +2,8 @@
 between two systems' answers to the same prompts, judged by a person or a local judge model;
 agreement between two judges; and the 1-6 helpfulness grade of the ablations.
 
+    # each system answers the 300 test prompts (LIMA §5 decoding)
+    python sample.py --checkpoint out/lima --prompt_file data/test.jsonl --out gen_lima.jsonl
     # a person judges, one pair at a time; stop any time (q), rerun the same command to go on
     python evaluate.py pairwise --a gen_lima.jsonl --b gen_base.jsonl --judge human --out human.jsonl
     # a local judge model (any checkpoint checkpoint.py reads), asked both A/B orders
@@ -9,12 +11,15 @@ agreement between two judges; and the 1-6 helpfulness grade of the ablations.
         --both_orders --out judge.jsonl
     python evaluate.py report human.jsonl judge.jsonl --chart results.png
     python evaluate.py agreement human.jsonl judge.jsonl
-    # LIMA §5: several samples per prompt, each graded 1-6 by a judge model
-    python evaluate.py helpfulness --gen samples.jsonl --judge out/judge --out grades.jsonl
+    # LIMA §5 ablations: 5 samples per prompt (list each prompt 5 times in the prompt file),
+    # each graded 1-6 by a judge model
+    python evaluate.py helpfulness --gen samples_7b.jsonl --judge out/judge --out grades.jsonl
+    python evaluate.py report grades.jsonl
 
 Inputs are generation files written by `sample.py --prompt_file ... --out` (JSON lines with at
-least "prompt" and "response"; "id" and "source" when the prompts had them). Answers from any
-other system (a baseline's outputs) work too if written in that shape.
+least "prompt" and "response"; "context" for the earlier turns of a conversation; "id" and
+"source" when the prompt file had them). A baseline's answers from elsewhere work too, written
+in that shape. Prompts are matched by "id" when every row has one, else by their text.
 
 Judgement labels name the generation FILES ("a", "b", "tie"), with the display order undone,
 so nothing downstream depends on which answer was shown first. Every judgement, parsed or
@@ -185,6 +190,11 @@ def read_generations(path):
                                          and all(isinstance(t, str) for t in prompt))
         if not ok:
             raise EvalError(f"{where}: 'prompt' must be a string or a list of turns (strings)")
+        context = row.get("context", [])  # sample.py: the turns before the last user turn
+        if not (isinstance(context, list) and all(isinstance(t, str) for t in context)):
+            raise EvalError(f"{where}: 'context' must be a list of turns (strings)")
+        if context:
+            prompt = context + ([prompt] if isinstance(prompt, str) else prompt)
         if not isinstance(row["response"], str):
             raise EvalError(f"{where}: 'response' must be a string, got {type(row['response']).__name__}")
         gid = row.get("id")
@@ -233,7 +243,8 @@ def pair_generations(path_a, path_b):
             key = prompt_key(g.id, g.prompt, by_id)
             if key in index[path]:
                 raise EvalError(f"{g.where}: {describe(key)} appears again (first at "
-                                f"{index[path][key].where}); pairwise compares one response per prompt")
+                                f"{index[path][key].where}); pairwise compares one response per "
+                                f"prompt, as the paper does: keep one sample of each")
             index[path][key] = g
     for this, other in ((path_a, path_b), (path_b, path_a)):
         missing = [g for k, g in index[this].items() if k not in index[other]]
@@ -341,9 +352,12 @@ def pairwise_items(pairs, seed, both_orders):
 # ModelJudge runs a checkpoint. A judge may also offer `budget`, `n_tokens` and `trim`, so
 # answers too long for its context are cut (keeping their start) instead of failing.
 
+TOO_LONG = "[not asked: the question does not fit the judge's context]"
+
+
 class ModelJudge:
     """A local checkpoint as the judge: the question is one user turn in LIMA's chat format
-    (BOS question EOT), the reply is decoded greedily until EOT."""
+    (BOS question EOT, sample.respond), the reply is decoded greedily until EOT."""
 
     def __init__(self, model, tokenizer, max_new_tokens=256, batch_size=8):
         self.model, self.tokenizer = model, tokenizer
@@ -359,14 +373,18 @@ class ModelJudge:
         return text if len(ids) <= n else self.tokenizer.decode(ids[:n]) + " [...]"
 
     def __call__(self, questions):
-        from sample import generate
-        tok = self.tokenizer
-        prompts = [tok.encode_dialog([q])[0] for q in questions]
-        # greedy, no repetition penalty: the judge should be deterministic, not creative
-        outs = generate(self.model, prompts, stop_ids=[tok.eot_id, tok.eos_id],
-                        max_new_tokens=self.max_new_tokens, max_seq_len=self.max_seq_len,
-                        temperature=0.0, repetition_penalty=1.0)
-        return [tok.decode(ids) for ids in outs]
+        from sample import respond
+        # fit_question trims answers; only a prompt that alone overflows the context is left.
+        # It gets a reply that parses as nothing, so it is counted, not silently dropped.
+        asked = [i for i, q in enumerate(questions) if self.n_tokens(q) <= self.budget]
+        replies = [TOO_LONG] * len(questions)
+        # greedy, no repetition penalty: a judge should be deterministic, not creative
+        answers = respond(self.model, self.tokenizer, [[questions[i]] for i in asked],
+                          batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
+                          max_seq_len=self.max_seq_len, temperature=0.0, repetition_penalty=1.0)
+        for i, answer in zip(asked, answers):
+            replies[i] = answer
+        return replies
 
 
 def load_model_judge(cfg):
@@ -376,9 +394,15 @@ def load_model_judge(cfg):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     if not os.path.exists(cfg.judge):
         raise EvalError(f"--judge {cfg.judge}: not 'human' and no checkpoint there")
-    model, tokenizer = checkpoint.load_model_and_tokenizer(
-        cfg.judge, tokenizer_path=cfg.tokenizer, dtype=getattr(torch, dtype), device=device)
-    model.eval()
+    try:
+        model, tokenizer = checkpoint.load_model_and_tokenizer(
+            cfg.judge, tokenizer_path=cfg.tokenizer, dtype=getattr(torch, dtype), device=device)
+    except (FileNotFoundError, ValueError) as e:  # checkpoint.py's user-facing messages
+        raise EvalError(str(e)) from None
+    if model.args.vocab_size <= tokenizer.eot_id:
+        raise EvalError(f"--judge {cfg.judge}: a base model (no end-of-turn token); the judge "
+                        f"answers in LIMA's chat format, so it must be a fine-tuned checkpoint")
+    model.requires_grad_(False).eval()
     return ModelJudge(model, tokenizer, cfg.max_new_tokens, cfg.batch_size)
 
 

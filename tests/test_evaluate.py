@@ -391,3 +391,81 @@ def test_long_answers_are_trimmed_to_the_judge_context(tmp_path):
     assert "Answer A: tiny answer\n" in q and "[...]" in q
     q, trimmed = E.fit_question(E.PAIRWISE_QUESTION.format, WordJudge(), prompt="p", answer_a="x", answer_b="y")
     assert not trimmed
+
+
+# ---- a real (tiny, random) judge checkpoint ---------------------------------------------------
+
+def test_tiny_judge_checkpoint_end_to_end(tmp_path, tiny_tokenizer_path, capsys):
+    import torch
+    from model import Transformer, model_args
+    from tokenizer import Tokenizer
+    tok = Tokenizer(tiny_tokenizer_path)
+    torch.manual_seed(0)
+    # the tiny tokenizer spells most of the paper's prompts byte by byte: the 1-6 rubric alone
+    # is ~2150 tokens, so this judge's context is just long enough for it
+    judge = Transformer(model_args("debug", vocab_size=tok.vocab_size, max_seq_len=2304))
+    judge.init_weights()
+    ckpt = str(tmp_path / "judge")
+    judge.save_pretrained(ckpt, tokenizer_path=tiny_tokenizer_path)
+
+    a, b = gen_files(tmp_path, n=4)
+    rows = [json.loads(x) for x in open(a)]
+    rows[2]["response"] = "the cat sat on a mat " * 1000  # ~6k tokens: must be trimmed to fit
+    write_jsonl(tmp_path / "gen_a.jsonl", rows)
+    out = tmp_path / "judge.jsonl"
+    flags = ["--judge", ckpt, "--max_new_tokens", "8", "--batch_size", "4", "--bootstrap", "100"]
+    assert E.main(["pairwise", "--a", a, "--b", b, "--out", str(out), "--both_orders", *flags]) == 0
+    records = [json.loads(x) for x in open(out)]
+    assert len(records) == 8 and all(isinstance(r["raw"], str) for r in records)
+    assert [r["id"] for r in records if r.get("trimmed")] == [2, 2]  # both orders of the long one
+    assert all(r["raw"] != E.TOO_LONG for r in records)
+    # a random model's replies are garbage: counted as unparseable, none dropped
+    n_null = sum(r["label"] is None for r in records)
+    assert n_null >= 6
+    assert f"{n_null} unparseable" in capsys.readouterr().out
+
+    gen = write_jsonl(tmp_path / "samples.jsonl", [rows[0], rows[0]])  # one prompt, two samples
+    grades = tmp_path / "grades.jsonl"
+    assert E.main(["helpfulness", "--gen", gen, "--out", str(grades), *flags]) == 0
+    graded = [json.loads(x) for x in open(grades)]
+    assert [g["sample"] for g in graded] == [0, 1] and all(g["raw"] != E.TOO_LONG for g in graded)
+    n_null = sum(g["score"] is None for g in graded)
+    assert f"{n_null} unparseable" in capsys.readouterr().out
+
+
+def test_generation_files_written_by_sample_py(tmp_path, tiny_tokenizer_path):
+    """The real producer: `sample.py --prompt_file ... --out`, LIMA-style prompts (one of them
+    multi-turn), answered by two 'systems'; a prompt listed twice is two samples."""
+    import torch
+    import sample
+    from model import Transformer, model_args
+    from tokenizer import Tokenizer
+    tok = Tokenizer(tiny_tokenizer_path)
+    torch.manual_seed(0)
+    chat = Transformer(model_args("debug", vocab_size=tok.vocab_size))
+    chat.init_weights()
+    ckpt = str(tmp_path / "chat")
+    chat.save_pretrained(ckpt, tokenizer_path=tiny_tokenizer_path)
+    prompts = write_jsonl(tmp_path / "test.jsonl", [
+        {"conversations": ["the cat sat"], "source": "alpaca"},
+        {"conversations": ["seven happy robots", "hum quietly", "and then?"], "source": "multi_turn"},
+        {"conversations": ["tea or maps?"], "source": "wikihow"}])
+    gens = []
+    for seed in (1, 2):
+        gens.append(str(tmp_path / f"gen_{seed}.jsonl"))
+        sample.main(["--checkpoint", ckpt, "--prompt_file", prompts, "--out", gens[-1],
+                     "--max_new_tokens", "6", "--seed", str(seed), "--device", "cpu"])
+    records = E.run_pairwise(cfg_for(*gens, tmp_path / "j.jsonl"), judge=always("Answer B is significantly better."))
+    assert sorted(r["source"] for r in records) == ["alpaca", "multi_turn", "wikihow"]
+    multi = next(r for r in records if r["source"] == "multi_turn")
+    assert multi["prompt"] == "User: seven happy robots\n\nAssistant: hum quietly\n\nUser: and then?"
+
+    twice = write_jsonl(tmp_path / "twice.jsonl", [json.loads(x) for x in open(prompts)] * 2)
+    sample.main(["--checkpoint", ckpt, "--prompt_file", twice, "--out", str(tmp_path / "samples.jsonl"),
+                 "--max_new_tokens", "6", "--seed", "3", "--device", "cpu"])
+    cfg = E.HelpfulnessConfig(gen=str(tmp_path / "samples.jsonl"), judge="scripted", out=str(tmp_path / "g.jsonl"))
+    grades = E.run_helpfulness(cfg, judge=always("fine\n3"))
+    assert sorted((g["source"], g["sample"]) for g in grades) == sorted(
+        (s, k) for s in ("alpaca", "multi_turn", "wikihow") for k in (0, 1))
+    with pytest.raises(E.EvalError, match="appears again"):  # pairwise: one response per prompt
+        E.pair_generations(str(tmp_path / "samples.jsonl"), gens[0])
