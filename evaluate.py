@@ -203,7 +203,8 @@ def read_generations(path):
         sample = row.get("sample")
         if sample is not None and not isinstance(sample, int):
             raise EvalError(f"{where}: 'sample' must be an integer")
-        gens.append(Generation(where, gid, row.get("source"), render_prompt(prompt), row["response"], sample))
+        gens.append(Generation(where, gid, row.get("source"), render_prompt(prompt),
+                               row["response"], sample))
     return gens
 
 
@@ -268,16 +269,19 @@ def pair_generations(path_a, path_b):
 _ADV = r"(?:significantly |much |clearly |slightly |somewhat |far |a bit |a lot |definitely )?"
 _CANONICAL = {"A": r"answer a is significantly better", "B": r"answer b is significantly better",
               "tie": r"neither(?: answer| one| of them)? is significantly better"}
-_VERDICTS = [  # (pattern, label or None for "the captured letter"); lower-cased text
+_VERDICTS = [  # (pattern, label or None for "the captured letter"), on lower-cased text
     (rf"\b(?:answer|option|response) \(?([ab])\)? is {_ADV}better\b", None),
     (r"\b(?:choose|prefer|pick|select|go with|vote for) (?:answer|option|response) \(?([ab])\)?(?!\w)", None),
-    (r"\bneither\b", "tie"),
-    (r"\btie\b", "tie"),
-    (r"\b(?:equally|as) (?:good|helpful|useful|bad|poor)\b", "tie"),
+    (rf"\bneither(?: answer| one| of them| option| response)? is {_ADV}better\b", "tie"),
+    (r"\b(?:it's|it is) a tie\b|\bequally (?:good|helpful|useful|bad|poor)\b", "tie"),
 ]
-# a bare capital letter as the verdict (case kept, so the article "a" never counts)
-_BARE_VERDICTS = [rf"(?<![\w])\(?([AB])\)? (?i:is {_ADV}better)\b",
-                  r"(?i:\b(?:answer|choice|verdict|winner|better answer is|better one is))\s*[:=]?\s*\(?([AB])\)?(?![\w'])"]
+# a bare capital letter as the verdict, case kept so that the article "a" never counts
+_BARE_VERDICTS = [
+    rf"(?<![\w])\(?([AB])\)? (?i:is {_ADV}better)\b",  # "B is better"
+    r"(?i:\b(?:answer|choice|verdict|winner))\s*[:=]\s*(?i:answer\s+)?\(?([AB])\)?(?![\w'])",  # "Verdict: B"
+    r"(?i:\bbetter (?:answer|one|response) is)\s+(?i:answer\s+)?\(?([AB])\)?(?![\w'])",  # "the better one is A"
+]
+_WHOLE = {"a": "A", "b": "B", "neither": "tie", "tie": "tie"}  # the entire reply is one word
 
 
 def _found(patterns, text):
@@ -292,16 +296,17 @@ def parse_preference(text):
     """The judge's text -> "A", "B", "tie" (as displayed) or None when unparseable.
 
     Tiers, most to least explicit: the paper's three option sentences; verdict phrases ("answer
-    B is better", "neither", "I prefer answer A", "A is better", "Answer: B"); then a bare "A"/"B"
-    as the whole reply or a lone "answer a" mention. The first tier that finds anything decides;
-    two different labels in it (e.g. both option sentences) is a conflict: None, never a guess.
+    B is better", "neither is better", "I prefer answer A", "A is better", "Verdict: B"); then a
+    one-word reply ("A", "(b)", "Neither.") or a lone mention of one answer ("Answer A."). The
+    first tier that finds anything decides; two different labels in it (e.g. two option
+    sentences) is a conflict: None, never a guess.
     """
     plain = re.sub(r"[*_`#>\"]", " ", text or "")  # markdown emphasis is not part of the verdict
     low = re.sub(r"\s+", " ", plain.lower()).strip()
     tiers = [
         lambda: {lab for lab, p in _CANONICAL.items() if re.search(p, low)},
         lambda: _found(_VERDICTS, low) | {m.group(1) for p in _BARE_VERDICTS for m in re.finditer(p, plain)},
-        lambda: ({m.group(1).upper()} if (m := re.fullmatch(r"\W*\(?([ab])\)?\W*", low)) else
+        lambda: ({_WHOLE[m.group(1)]} if (m := re.fullmatch(r"\W*\(?(a|b|neither|tie)\)?\W*", low)) else
                  {x.upper() for x in re.findall(r"\banswer \(?([ab])\)?(?!\w)", low)}),
     ]
     for tier in tiers:
@@ -474,6 +479,14 @@ def _basename(path):
     return os.path.basename(os.path.normpath(path)) if path else path
 
 
+def judge_name(cfg):
+    """Who judged, as recorded: --judge_name (e.g. one per annotator), else 'human' or the
+    checkpoint path. A resumed run must name the same judge."""
+    if cfg.judge_name:
+        return cfg.judge_name
+    return cfg.judge if cfg.judge in ("human", "") else os.path.normpath(cfg.judge)
+
+
 # ---- pairwise ---------------------------------------------------------------------------------
 
 def run_pairwise(cfg, judge=None, ask=input, show=print):
@@ -484,8 +497,7 @@ def run_pairwise(cfg, judge=None, ask=input, show=print):
             raise EvalError(f"--{name} is required")
     pairs = pair_generations(cfg.a, cfg.b)
     items = pairwise_items(pairs, cfg.seed, cfg.both_orders)
-    judge_name = cfg.judge_name or cfg.judge
-    meta = {"judge": judge_name, "seed": cfg.seed, "a": _basename(cfg.a), "b": _basename(cfg.b)}
+    meta = {"judge": judge_name(cfg), "seed": cfg.seed, "a": _basename(cfg.a), "b": _basename(cfg.b)}
     previous = read_previous(cfg.out, meta, "judgements")
     by_id = pairs[0].id is not None
     done = {(prompt_key(r.get("id"), r.get("prompt", ""), by_id), r.get("order")) for r in previous}
@@ -496,7 +508,7 @@ def run_pairwise(cfg, judge=None, ask=input, show=print):
     try:
         if judge is None and cfg.judge == "human":
             _human_session(todo, len(items), out, meta, ask, show)
-        else:
+        elif todo:
             _model_session(todo, judge or load_model_judge(cfg), out, meta)
     finally:
         out.close()
@@ -597,12 +609,14 @@ def run_helpfulness(cfg, judge=None):
         if not getattr(cfg, name):
             raise EvalError(f"--{name} is required")
     items, by_id = sampled_generations(cfg.gen)
-    meta = {"judge": cfg.judge_name or cfg.judge, "gen": _basename(cfg.gen)}
+    meta = {"judge": judge_name(cfg), "gen": _basename(cfg.gen)}
     previous = read_previous(cfg.out, meta, "grades")
     done = {(prompt_key(r.get("id"), r.get("prompt", ""), by_id), r.get("sample")) for r in previous}
     todo = [(k, s, g) for k, s, g in items if (k, s) not in done]
     print(f"{len(items)} responses to grade; {len(items) - len(todo)} already in {cfg.out}, "
           f"{len(todo)} to go", file=sys.stderr)
+    if not todo:
+        return previous
     judge = judge or load_model_judge(cfg)
     bs = max(getattr(judge, "batch_size", 8), 1)
     out, bar, bad = Appender(cfg.out), _progress(len(todo), "grading"), 0
@@ -682,7 +696,7 @@ def pairwise_summary(records, n_boot=2000, seed=0):
             rows.append([labels.count(x) / len(labels) for x in LABELS])
             sources.append(rs[0].get("source"))
         orders = {r.get("order"): r["label"] for r in rs if r.get("label") in LABELS}
-        if len(orders) == 2:
+        if set(orders) == {"AB", "BA"}:
             consistency.append(agreement_score(orders["AB"], orders["BA"]))
     decisive = [r for r in records if r.get("label") in ("a", "b")]
     first = [undo_order("A", r.get("order")) == r["label"] for r in decisive]  # picked Answer A
@@ -690,6 +704,7 @@ def pairwise_summary(records, n_boot=2000, seed=0):
         "judgements": len(records),
         "unparseable": sum(r.get("label") is None for r in records),
         "skipped": sum(r.get("label") == "skip" for r in records),
+        "trimmed": sum(bool(r.get("trimmed")) for r in records),
         "prompts": len(groups), "judged_prompts": len(rows),
         "shown_first": (float(np.mean(first)), len(first)) if first else None,
         "order_consistency": (float(np.mean(consistency)), len(consistency)) if consistency else None,
@@ -709,7 +724,7 @@ def agreement(records_1, records_2, n_boot=2000, seed=0):
     with one judgement each this is exactly the paper's score."""
     files_1 = (records_1[0].get("a"), records_1[0].get("b")) if records_1 else None
     files_2 = (records_2[0].get("a"), records_2[0].get("b")) if records_2 else None
-    flip = files_1 != files_2 and files_1 == files_2[::-1]  # same comparison, files swapped
+    flip = bool(files_1 and files_2) and files_1 != files_2 and files_1 == files_2[::-1]  # a, b swapped
     swap = {"a": "b", "b": "a"}
     by_id = all(r.get("id") is not None for r in records_1 + records_2)
 
@@ -754,6 +769,7 @@ def helpfulness_summary(records, n_boot=2000, seed=0):
         return {"prompts": len(values), "mean": float(np.mean(values)), "ci": (float(lo), float(hi))}
 
     summary = {"responses": len(records), "unparseable": len(records) - len(parsed),
+               "trimmed": sum(bool(r.get("trimmed")) for r in records),
                "prompts": len(groups), "histogram": {s: parsed.count(s) for s in range(1, 7)},
                "all": block(means) if means else None, "by_source": {}}
     if len(set(sources)) > 1:
@@ -766,17 +782,17 @@ def helpfulness_summary(records, n_boot=2000, seed=0):
 
 def read_results(path):
     """A judgement or grade file -> (kind, records)."""
-    rows = [row for _, row in read_jsonl(path)]
+    rows = read_jsonl(path)
     if not rows:
         raise EvalError(f"{path}: empty")
-    for n, row in read_jsonl(path):
+    for n, row in rows:
         if "label" not in row and "score" not in row:
             raise EvalError(f"{path}:{n}: neither a judgement ('label') nor a grade ('score'); "
                             f"report reads the --out files of pairwise and helpfulness")
-    kinds = {"pairwise" if "label" in r else "helpfulness" for r in rows}
+    kinds = {"pairwise" if "label" in row else "helpfulness" for _, row in rows}
     if len(kinds) > 1:
         raise EvalError(f"{path}: mixes pairwise judgements and helpfulness grades")
-    return kinds.pop(), rows
+    return kinds.pop(), [row for _, row in rows]
 
 
 def _pct(x):
@@ -792,10 +808,16 @@ def _count(x):
     return f"{x:g}" if x == int(x) else f"{x:.1f}"
 
 
+def _judges(records):
+    return ", ".join(sorted({_basename(str(r.get("judge"))) for r in records}))
+
+
 def pairwise_title(records, path):
-    r = records[0]
-    judges = sorted({_basename(str(x.get("judge"))) for x in records})
-    return f"{r.get('a')} (a) vs {r.get('b')} (b), judged by {', '.join(judges)}  [{path}]"
+    return f"{records[0].get('a')} (a) vs {records[0].get('b')} (b), judged by {_judges(records)}  [{path}]"
+
+
+def helpfulness_title(records, path):
+    return f"{records[0].get('gen')}, judged by {_judges(records)}  [{path}]"
 
 
 def format_pairwise(summary, title):
@@ -803,6 +825,8 @@ def format_pairwise(summary, title):
     lines = [f"== {title}",
              f"{s['prompts']} prompts, {s['judgements']} judgements: {s['unparseable']} unparseable "
              f"(label null, kept in the file, not in the rates), {s['skipped']} skipped"]
+    if s["trimmed"]:
+        lines.append(f"{s['trimmed']} questions had answers trimmed (start kept) to fit the judge's context")
     if s["all"] is None:
         return "\n".join(lines + ["no parsed judgements: nothing to rate"])
     rows = [("all", s["all"])] + [(f"source {k}", b) for k, b in s["by_source"].items()]
@@ -811,9 +835,11 @@ def format_pairwise(summary, title):
     lines.append(f"{'':{w}}  prompts  " + "  ".join(f"{h:<22}" for h in
                  ("a wins", "tie", "b wins", "a equal or preferred")).rstrip())
     for name, b in rows:
-        lines.append(f"{name:{w}}  {b['prompts']:7d}  " + "  ".join(f"{_rate_ci(b, c):<22}" for c in cols).rstrip())
+        cells = "  ".join(f"{_rate_ci(b, c):<22}" for c in cols)
+        lines.append(f"{name:{w}}  {b['prompts']:7d}  {cells}".rstrip())
     c = s["all"]["counts"]
-    split = " (a prompt judged in both orders counts half for each)" if s["judgements"] > s["prompts"] else ""
+    split = (" (a prompt judged in both orders counts half for each)"
+             if s["judgements"] > s["prompts"] else "")
     lines.append(f"counts{split}: a {_count(c['a'])}, tie {_count(c['tie'])}, b {_count(c['b'])}; "
                  f"95% CIs: bootstrap over prompts")
     if s["shown_first"]:
@@ -831,6 +857,8 @@ def format_helpfulness(summary, title):
     lines = [f"== helpfulness 1-6 (LIMA §5): {title}",
              f"{s['prompts']} prompts, {s['responses']} responses: {s['unparseable']} unparseable "
              f"(score null, kept in the file, not in the mean)"]
+    if s["trimmed"]:
+        lines.append(f"{s['trimmed']} responses were trimmed (start kept) to fit the judge's context")
     if s["all"] is None:
         return "\n".join(lines + ["no parsed grades: nothing to average"])
     rows = [("all", s["all"])] + [(f"source {k}", b) for k, b in s["by_source"].items()]
@@ -917,14 +945,13 @@ def run_report(cfg, files):
             s = pairwise_summary(records, cfg.bootstrap, cfg.seed)
             blocks.append(format_pairwise(s, pairwise_title(records, path)))
             if s["all"]:
-                judges = ", ".join(sorted({_basename(str(r.get("judge"))) for r in records}))
-                pairwise_rows.append((f"{records[0].get('a')} vs {records[0].get('b')} ({judges})", s))
+                name = f"{records[0].get('a')} vs {records[0].get('b')} ({_judges(records)})"
+                pairwise_rows.append((name, s))
         else:
             s = helpfulness_summary(records, cfg.bootstrap, cfg.seed)
-            judges = ", ".join(sorted({_basename(str(r.get("judge"))) for r in records}))
-            blocks.append(format_helpfulness(s, f"{records[0].get('gen')}, judged by {judges}  [{path}]"))
+            blocks.append(format_helpfulness(s, helpfulness_title(records, path)))
             if s["all"]:
-                helpful_rows.append((f"{records[0].get('gen')} ({judges})", s))
+                helpful_rows.append((f"{records[0].get('gen')} ({_judges(records)})", s))
     print("\n\n".join(blocks))
     if pairwise_rows or helpful_rows:
         print("\n" + text_chart(pairwise_rows, helpful_rows))
@@ -943,17 +970,18 @@ def run_agreement(cfg, files):
         raise EvalError("agreement compares two pairwise judgement files")
     res = agreement(r1, r2, cfg.bootstrap, cfg.seed)
     f1, f2 = res["files"]
-    print(f"== agreement (LIMA §4: 1 same label, 0.5 when exactly one said tie, 0 otherwise)")
+    print("== agreement (LIMA §4: 1 same label, 0.5 when exactly one said tie, 0 otherwise)")
     print(f"1: {files[0]} ({f1[0]} vs {f1[1]})\n2: {files[1]} ({f2[0]} vs {f2[1]})")
     if res["flipped"]:
         print("the two files compare the same systems with a and b swapped: labels of 2 are flipped")
     elif f1 != f2:
-        print(f"warning: the files name different systems; comparing labels as they are", file=sys.stderr)
+        print("warning: the files name different systems; comparing labels as they are", file=sys.stderr)
     print(f"prompts judged by both: {res['shared']} (only by 1: {res['only_1']}, only by 2: {res['only_2']}; "
           f"unparseable and skipped judgements left out)")
     if not res["shared"]:
         raise EvalError("no prompt has a parsed label in both files")
-    print(f"agreement: {_pct(res['score']).strip()}  95% CI [{100 * res['ci'][0]:.1f}, {100 * res['ci'][1]:.1f}]")
+    lo, hi = res["ci"]
+    print(f"agreement: {_pct(res['score']).strip()}  95% CI [{100 * lo:.1f}, {100 * hi:.1f}]")
     print("1 \\ 2".rjust(8) + "".join(f"{x:>8}" for x in LABELS))
     for x in LABELS:
         print(f"{x:>8}" + "".join(f"{_count(res['confusion'].get((x, y), 0.0)):>8}" for y in LABELS))
@@ -986,7 +1014,8 @@ def main(argv=None):
     parser = config.build_parser(cls, description=what)
     parser.prog = f"evaluate.py {command}"
     if nargs:
-        parser.add_argument("files", nargs=nargs, help="judgement / grade files (the --out of pairwise, helpfulness)")
+        parser.add_argument("files", nargs=nargs,
+                            help="judgement / grade files (the --out of pairwise, helpfulness)")
     ns = vars(parser.parse_args(rest))
     files = ns.pop("files", None)
     cfg = cls(**ns)
@@ -999,7 +1028,8 @@ def main(argv=None):
         elif command == "helpfulness":
             records = run_helpfulness(cfg)
             if records:
-                print(format_helpfulness(helpfulness_summary(records, cfg.bootstrap, cfg.seed), cfg.out))
+                s = helpfulness_summary(records, cfg.bootstrap, cfg.seed)
+                print(format_helpfulness(s, helpfulness_title(records, cfg.out)))
         elif command == "report":
             run_report(cfg, files)
         else:
@@ -1007,6 +1037,9 @@ def main(argv=None):
     except EvalError as e:
         print(f"evaluate.py {command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # every judgement made so far is already on disk
+        print(f"\nevaluate.py {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

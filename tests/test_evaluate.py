@@ -64,12 +64,17 @@ def prefers_good(questions):  # judges by content: whichever displayed answer is
     ("Verdict: B", "B"),
     ("A is clearly better", "A"),
     ("Neither.", "tie"), ("Both answers are equally good.", "tie"), ("It's a tie", "tie"),
+    ("Neither one is better.", "tie"),
+    ("Neither answer is perfect, but B is better.", "B"),
+    ("The better answer is Answer B: it is complete.", "B"),
+    ("Answer A: too short. Answer: B", "B"),
     # conflicts and garbage: unparseable, never guessed
     ("Answer A is significantly better. Answer B is significantly better.", None),
     ("- Answer A is significantly better.\n- Answer B is significantly better.\n"
      "- Neither is significantly better.", None),
     ("Answer A explains tea, answer B explains maps.", None),
     ("A good answer would mention a map.", None),
+    ("Neither answer is perfect.", None),
     ("I prefer a shorter reply.", None),
     ("cat sat mat river", None), ("", None),
 ])
@@ -297,7 +302,7 @@ def test_human_session_killed_resumes_without_repeat_or_loss(tmp_path):
     assert [r["raw"] for r in records] == ["a", "b", "t"] + ["a"] * 5
 
 
-def test_resume_refuses_other_settings(tmp_path, capsys):
+def test_resume_refuses_other_settings(tmp_path):
     a, b = gen_files(tmp_path, n=5)
     out = tmp_path / "j.jsonl"
     E.run_pairwise(cfg_for(a, b, out, seed=0), judge=always("A"))
