@@ -5,6 +5,7 @@ agreement between two judges; and the 1-6 helpfulness grade of the ablations.
     # each system answers the 300 test prompts (LIMA §5 decoding)
     python sample.py --checkpoint out/lima --prompt_file data/test.jsonl --out gen_lima.jsonl
     # a person judges, one pair at a time; stop any time (q), rerun the same command to go on
+    # (several annotators: --judge_name alice --out alice.jsonl, and so on)
     python evaluate.py pairwise --a gen_lima.jsonl --b gen_base.jsonl --judge human --out human.jsonl
     # a local judge model (any checkpoint checkpoint.py reads), asked both A/B orders
     python evaluate.py pairwise --a gen_lima.jsonl --b gen_base.jsonl --judge out/judge \
