@@ -34,7 +34,8 @@ def build_parser(cls, presets=None, description=None):
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = dict(default=argparse.SUPPRESS, help=f.metadata.get("help", " ") + f" (default: {default!r})")
+        text = f.metadata.get("help", " ") + f" (default: {default!r})"
+        kwargs = dict(default=argparse.SUPPRESS, help=text.replace("%", "%%"))  # argparse formats help with %
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
             continue
@@ -57,5 +58,4 @@ def parse_config(cls, argv=None, presets=None, description=None):
     if preset is not None:
         values.update(presets[preset])
     values.update(ns)
-    cfg = cls(**values)
-    return cfg
+    return cls(**values)
