@@ -100,7 +100,7 @@ class PairwiseConfig:
     batch_size: int = field(default=8, metadata={"help": "questions per judge forward pass"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto"})
     dtype: str = field(default="auto", metadata={"help": "bfloat16, float16, float32, or auto (bf16 on GPU)"})
-    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the summary's 95%% CIs"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the summary's 95% CIs"})
 
 
 @dataclass
@@ -115,7 +115,7 @@ class HelpfulnessConfig:
     batch_size: int = field(default=8, metadata={"help": "questions per judge forward pass"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto"})
     dtype: str = field(default="auto", metadata={"help": "bfloat16, float16, float32, or auto (bf16 on GPU)"})
-    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the summary's 95%% CIs"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the summary's 95% CIs"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
 
 
@@ -123,14 +123,14 @@ class HelpfulnessConfig:
 class ReportConfig:
     """Tables (and a chart) of judgement or grade files."""
     chart: Optional[str] = field(default=None, metadata={"help": "PNG to write (needs matplotlib; else a text chart)"})
-    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples over prompts for 95%% CIs"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples over prompts for 95% CIs"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
 
 
 @dataclass
 class AgreementConfig:
     """Agreement of two judges on their shared prompts, scored as LIMA §4 does."""
-    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples over prompts for the 95%% CI"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples over prompts for the 95% CI"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
 
 
