@@ -183,7 +183,7 @@ def compiled_decode_one(device_type):
     return _compiled[device_type]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 (train.py's dev generations) fails under it
 def generate(model, prompts, *, stop_ids, max_new_tokens=None, max_seq_len=2048,
              temperature=0.7, top_p=0.9, repetition_penalty=1.2, penalize_prompt=False,
              generator=None, on_token=None, vocab_size=None, compile=False, keep_cache=False):
@@ -263,7 +263,7 @@ def generate(model, prompts, *, stop_ids, max_new_tokens=None, max_seq_len=2048,
             if i + 1 == steps:
                 break
             # every row stopped or out of budget: done. Ask only every 8 steps (a host sync)
-            if (on_token is not None or i % 8 == 7) and bool((stopped | (budgets_t <= i + 1)).all()):
+            if (on_token is not None or i % 8 == 7) and _finished(stopped | (budgets_t <= i + 1), model):
                 break
             if penalized is not None:
                 penalized.scatter_(1, nxt[:, None], True)
@@ -289,6 +289,18 @@ def generate(model, prompts, *, stop_ids, max_new_tokens=None, max_seq_len=2048,
         cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
         results.append(row[:cut])
     return results
+
+
+def _finished(done, model):
+    """done (B,) -> all rows finished? Under FSDP (train.py's dev generations) every forward is
+    a collective, so all ranks must agree on when to stop."""
+    done = done.all()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.distributed.tensor import DTensor
+        if isinstance(model.output.weight, DTensor):
+            done = done.to(torch.int32)
+            torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+    return bool(done)
 
 
 def _round_up(n, m):

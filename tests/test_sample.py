@@ -399,3 +399,38 @@ def test_cli_interactive_keeps_the_conversation(chat_dir, monkeypatch, capsys):
                     "--max_new_tokens", "6"], capsys).out
     replies = out.split("\n")[:3]
     assert seen == [["tea"], ["tea", replies[0], "the cat sat"], ["maps"]]
+
+
+def test_compiled_decode_step_matches_eager(model, tok, monkeypatch):
+    # the real path compiles with inductor (a minute on CPU); dynamo's eager backend checks that
+    # the decode step traces as one graph through the fixed-size cache, in seconds
+    compiled = torch.compile(sample.decode_one, backend="eager", fullgraph=True)
+    monkeypatch.setitem(sample._compiled, "cpu", compiled)
+    prompts = prompts_of(tok, ["tea", "the cat sat on a mat"])
+    kw = dict(stop_ids=(), max_new_tokens=10, **GREEDY)
+    assert sample.generate(model, prompts, compile=True, **kw) == sample.generate(model, prompts, **kw)
+
+
+def test_generate_under_fsdp2_then_train(tok, tmp_path):
+    # train.py writes dev generations from its FSDP2 model mid-training: generation must work on
+    # the sharded model (FSDP2 breaks under inference_mode) and leave it trainable
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs a fresh torch.distributed")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        ref, sharded = tiny_model(tok.vocab_size, seed=5), tiny_model(tok.vocab_size, seed=5)
+        for layer in sharded.layers:
+            fully_shard(layer)
+        fully_shard(sharded)
+        sharded.train()
+        prompts = prompts_of(tok, ["tea", "the cat sat"])
+        kw = dict(stop_ids=(), max_new_tokens=10, **GREEDY)
+        assert sample.generate(sharded, prompts, **kw) == sample.generate(ref, prompts, **kw)
+        assert sharded.training
+        x = torch.randint(0, tok.vocab_size, (2, 8))
+        sharded(x, x)[1].backward()
+    finally:
+        dist.destroy_process_group()
