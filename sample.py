@@ -675,6 +675,9 @@ def main(argv=None):
             raise PromptError("the prompt is empty")
         if cfg.prompt_file is not None and not cfg.out:
             raise PromptError("--prompt_file writes JSON lines to --out FILE; give one")
+        if cfg.out and cfg.prompt_file is None:
+            raise PromptError("--out goes with --prompt_file; --prompt and --interactive print "
+                              "the response to stdout")
         records = read_prompts(cfg.prompt_file) if cfg.prompt_file else None
         model, tokenizer = load(cfg)
         if not cfg.raw:
