@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -52,7 +52,7 @@ class SampleConfig:
     max_seq_len: int = field(default=2048, metadata={"help": "LIMA §5: prompt + response at most this"})
     seed: Optional[int] = field(default=None, metadata={"help": "makes sampling repeatable; default: a fresh seed, logged"})
     batch_size: int = field(default=16, metadata={"help": "prompts decoded together (--prompt_file)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, or a list cuda:0,cuda:1 to split the layers"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if any; all visible GPUs, layers split, when the model does not fit one), cpu, cuda:1, or a list cuda:0,cuda:1"})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decode step"})
 
@@ -213,7 +213,7 @@ def generate(model, prompts, *, stop_ids, max_new_tokens=None, max_seq_len=2048,
         return [[] for _ in prompts]
     # the last position a row feeds is n + budget - 2 (its final token is never fed back)
     last_pos = [n + b - 2 for n, b in zip(lengths, budgets)]
-    full = max(T, max(last_pos) + 1)
+    most = max(T, max(last_pos) + 1)  # cache positions the longest row can need
 
     device = model.tok_embeddings.weight.device
     step_fn = compiled_decode_one(device.type) if compile else decode_one
@@ -227,7 +227,7 @@ def generate(model, prompts, *, stop_ids, max_new_tokens=None, max_seq_len=2048,
             if shape is None or shape[0] < B or shape[1] != context:
                 setup_cache(model, B, context)
         else:
-            setup_cache(model, B, min(full, _round_up(T, CACHE_STEP)))
+            setup_cache(model, B, min(most, _round_up(T, CACHE_STEP)))
         cache_len = cache_shape(model)[1]
 
         tokens = torch.tensor([p + [p[-1]] * (T - len(p)) for p in prompts], device=device)
@@ -271,7 +271,7 @@ def generate(model, prompts, *, stop_ids, max_new_tokens=None, max_seq_len=2048,
             # into their own row's slots, which nobody reads
             needed = max((n + i for n, lp in zip(lengths, last_pos) if n + i <= lp), default=0) + 1
             if needed > cache_len:
-                cache_len = min(full, _round_up(needed, CACHE_STEP))
+                cache_len = min(most, _round_up(needed, CACHE_STEP))
                 grow_cache(model, cache_len)
             pos = (lengths_t + i).clamp(max=cache_len - 1)
             logits = step_fn(model, nxt[:, None].to(device), pos[:, None])
@@ -310,7 +310,8 @@ def _round_up(n, m):
 # ---- prompts, responses, files ------------------------------------------------------------------
 
 def stop_ids(tokenizer):
-    # LIMA §3: EOT ends a turn; EOS too (a base model's end, never trained in chat but final)
+    # LIMA §3: EOT ends a turn. EOS is never trained in the chat format, but if a model says it,
+    # what follows is a new document, not the answer: stop there too (and --raw stops at EOS)
     return (tokenizer.eot_id, tokenizer.eos_id)
 
 
@@ -589,8 +590,12 @@ def resolve_devices(cfg, args):
     with torch.device("meta"):
         from model import Transformer
         weight_bytes = Transformer(args).num_params() * dtype.itemsize
+    # the full-context KV cache of one batch: 30B's weights fit an 80 GB GPU, with it they don't
+    rows = cfg.batch_size if cfg.prompt_file else 1
+    context = min(cfg.max_seq_len, args.max_seq_len)
+    cache_bytes = rows * context * args.n_layers * 2 * args.kv_heads * args.head_dim * dtype.itemsize
     free = torch.cuda.mem_get_info(0)[0]
-    if n > 1 and weight_bytes > 0.85 * free:  # leave room for the KV cache and activations
+    if n > 1 and weight_bytes + cache_bytes > 0.9 * free:  # 10% for activations and logits
         return [f"cuda:{i}" for i in range(n)]
     return ["cuda"]
 

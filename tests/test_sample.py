@@ -3,9 +3,6 @@ against a plain no-cache greedy loop, batching, stopping, layer placement, and t
 
 import io
 import json
-import math
-import os
-import shutil
 
 import pytest
 import torch
@@ -301,6 +298,15 @@ def test_cli_prompt_prints_only_the_response(chat_dir, chat, capsys):
                     "--max_new_tokens", "12"], capsys)
     assert got.out == want + "\n"
     assert "parameters" in got.err  # logs go to stderr
+
+
+def test_cli_layers_split_over_devices(chat_dir, capsys):
+    # --device a,b loads each tensor straight onto its planned device (load_placed)
+    argv = ["--checkpoint", chat_dir, "--prompt", "maps", "--temperature", "0",
+            "--max_new_tokens", "10"]
+    one = run_main(argv, capsys)
+    two = run_main(argv + ["--device", "cpu,cpu"], capsys)
+    assert two.out == one.out and "on cpu, cpu" in two.err
 
 
 def test_cli_seed_repeats(chat_dir, capsys):
