@@ -446,6 +446,12 @@ def generate_file(model, tokenizer, records, out_path, settings, *, batch_size=1
     raw = settings.get("raw", False)
     decoding = {k: settings[k] for k in DECODING}
     lengths = {i: len(encode_prompt(tokenizer, records[i]["turns"], raw)) for i in todo}
+    context = min(settings["max_seq_len"], model.args.max_seq_len)
+    for i in todo:  # before any work, not an hour in
+        if lengths[i] >= context:
+            raise PromptError(f"prompt {i + 1} ({records[i]['turns'][-1][:60]!r}...) is "
+                              f"{lengths[i]} tokens; the context holds {context} (prompt + "
+                              f"response), leaving no room for a response")
     todo.sort(key=lambda i: -lengths[i])  # batches of similar length: less padding
 
     from tqdm import tqdm

@@ -3,6 +3,7 @@ against a plain no-cache greedy loop, batching, stopping, layer placement, and t
 
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -393,6 +394,13 @@ def test_cli_prompt_file_text(chat_dir, tmp_path, capsys):
     run_main(["--checkpoint", chat_dir, "--prompt_file", str(prompts), "--out", out,
               "--max_new_tokens", "5", "--seed", "0"], capsys)
     assert [r["prompt"] for r in read_jsonl(out)] == ["tea", "the cat sat"]
+    # one prompt too long for the context: refused before anything is generated
+    prompts.write_text("tea\n" + "the cat sat on a mat " * 20 + "\n")
+    out2 = str(tmp_path / "gens2.jsonl")
+    err = fail_main(["--checkpoint", chat_dir, "--prompt_file", str(prompts), "--out", out2,
+                     "--max_seq_len", "64"], capsys)
+    assert "prompt 2" in err and "no room" in err
+    assert not os.path.exists(out2) or read_jsonl(out2) == []
 
 
 def test_cli_interactive_keeps_the_conversation(chat_dir, monkeypatch, capsys):
