@@ -634,7 +634,9 @@ def load(cfg):
         tokenizer.check_model_vocab(args.vocab_size, cfg.checkpoint)
         model = load_placed(cfg.checkpoint, placement_plan(args, devices), dtype)
     model.requires_grad_(False).eval()
-    log(f"{cfg.checkpoint}: {model.num_params() / 1e9:.2f}B parameters, {dtype}, on "
+    n = model.num_params()
+    size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    log(f"{cfg.checkpoint}: {size} parameters, {dtype}, on "
         f"{', '.join(devices)}; tokenizer {tokenizer.path}")
     return model, tokenizer
 
