@@ -5,12 +5,14 @@
 Like GAIR/lima (LIMA.md §3): one {"conversations": [user, assistant, ...], "source": ...} per
 line, 1,000 single-turn examples plus 50 "multi_turn" dialogues (LIMA: 1,000 + 30). Unlike LIMA,
 it is meant for a tiny model trained from scratch on a CPU in minutes, so it is templated:
-short prompts in many phrasings, one fixed answer format per task, answers of a few to ~35
-tokens. What such a model can learn in a few hundred steps is the point of LIMA's Superficial
-Alignment Hypothesis in miniature: the response format and where to stop (EOT), plus facts of a
-small made-up world (the colour of each invented object, the capital of each invented country)
-and copying words from the prompt into the answer. Arithmetic answers show the format; the
-sums themselves are mostly beyond it.
+short prompts in many phrasings, one fixed answer format per task, answers of 4 to ~30 tokens.
+LIMA's Superficial Alignment Hypothesis in miniature: what a small model picks up in a few
+hundred steps is the response format and where to stop (EOT), then the facts of a made-up world
+(the colour of each invented object, the capital of each invented country), single-digit
+arithmetic, and members of a category. Copying words from the prompt into a numbered list is
+the hardest task here (it needs induction heads); expect it to be wrong often.
+Measured (train.py --preset demo, 480 steps, under 2 minutes on 2 CPU cores): every dev answer
+in its task's format and stopped at EOT, all facts right, half of the 50 dev answers exact.
 
 test.jsonl: 16 prompts of the same kinds whose text never occurs in train.jsonl, each with its
 expected answer as the final turn (prepare_data.py keeps it as the "reference").
@@ -86,19 +88,21 @@ def build_world(rng):
 
 
 # Each task: every distinct prompt it can ask, as (source, prompt, answer), in a fixed order.
+# Single digits: the tokenizer splits digits (as LLaMA's does), so an operand is one token to
+# copy and the whole addition table (100 sums) is small enough to learn.
 def add_items():
     return [("arithmetic", t.format(a=a, b=b), f"{a} plus {b} is {a + b}.")
-            for a in range(21) for b in range(21) for t in T_ADD]
+            for a in range(10) for b in range(10) for t in T_ADD]
 
 
 def sub_items():
     return [("arithmetic", t.format(a=a, b=b), f"{a} minus {b} is {a - b}.")
-            for a in range(21) for b in range(a + 1) for t in T_SUB]
+            for a in range(10) for b in range(a + 1) for t in T_SUB]
 
 
 def cmp_items():
     return [("arithmetic", t.format(a=a, b=b), f"{max(a, b)} is bigger than {min(a, b)}.")
-            for a in range(1, 100, 3) for b in range(2, 100, 5) if a != b for t in T_CMP]
+            for a in range(10) for b in range(10) if a != b for t in T_CMP]
 
 
 def colour_items(world):
@@ -152,7 +156,7 @@ def follow_up(rng, world, kind):
     elif kind == "add":
         turns = []
         for i in range(rng.randint(2, 3)):
-            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
             q = rng.choice(T_ADD).format(a=a, b=b) if i == 0 else f"And {a} plus {b}?"
             turns += [q, f"{a} plus {b} is {a + b}."]
     elif kind == "list":
@@ -173,10 +177,10 @@ def follow_up(rng, world, kind):
 
 
 TEST = [  # (source, conversation) written out, each checked to be absent from train below
-    ("arithmetic", ["What is 12 plus 7?", "12 plus 7 is 19."]),
-    ("arithmetic", ["Add 4 and 15.", "4 plus 15 is 19."]),
-    ("arithmetic", ["What is 18 minus 6?", "18 minus 6 is 12."]),
-    ("arithmetic", ["Which is bigger, 40 or 22?", "40 is bigger than 22."]),
+    ("arithmetic", ["What is 7 plus 5?", "7 plus 5 is 12."]),
+    ("arithmetic", ["Add 4 and 9.", "4 plus 9 is 13."]),
+    ("arithmetic", ["What is 8 minus 6?", "8 minus 6 is 2."]),
+    ("arithmetic", ["Which is bigger, 3 or 8?", "8 is bigger than 3."]),
     ("facts", ["What colour is the zorbel?", None]),
     ("facts", ["Tell me the colour of the lumet.", None]),
     ("facts", ["Which colour is the tovik?", None]),
