@@ -39,8 +39,8 @@ class SampleConfig:
     checkpoint: str = field(default="", metadata={"help": "model directory (Meta, Hugging Face or ours)"})
     tokenizer: Optional[str] = field(default=None, metadata={"help": "tokenizer.model; default: beside the checkpoint or in its parent"})
     prompt: Optional[str] = field(default=None, metadata={"help": "one prompt; the response streams to stdout"})
-    prompt_file: Optional[str] = field(default=None, metadata={"help": "LIMA-style .jsonl (conversations) or a text file, one prompt per line"})
-    out: Optional[str] = field(default=None, metadata={"help": "JSON lines for --prompt_file; resumed if it exists"})
+    prompt_file: Optional[str] = field(default=None, metadata={"help": "LIMA-style .jsonl (conversations), prepare_data.py's *_prompts.jsonl (turns), or a text file, one prompt per line"})
+    out: Optional[str] = field(default=None, metadata={"help": "JSON lines for --prompt_file, resumed if it exists; without it the answers print to stdout"})
     interactive: bool = field(default=False, metadata={"help": "a multi-turn conversation in the terminal"})
     raw: bool = field(default=False, metadata={"help": "plain completion (BOS text ...), stop at EOS: for base models"})
     # LIMA §5: the paper's decoding
@@ -386,14 +386,16 @@ def read_prompts(path):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise PromptError(f"{path}:{n}: not JSON ({e})") from None
-        if isinstance(row, dict) and isinstance(row.get("conversations"), list):
+        if isinstance(row, dict) and isinstance(row.get("turns"), list):  # prepare_data.py's prompts
+            turns = row.pop("turns")
+        elif isinstance(row, dict) and isinstance(row.get("conversations"), list):
             turns = row.pop("conversations")
             turns = turns[:-1] if len(turns) % 2 == 0 else turns
         elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
             turns = [row.pop("prompt")]
         else:
-            raise PromptError(f"{path}:{n}: expected {{\"conversations\": [...]}} or "
-                              f"{{\"prompt\": \"...\"}}")
+            raise PromptError(f"{path}:{n}: expected {{\"conversations\": [...]}}, "
+                              f"{{\"turns\": [...]}} or {{\"prompt\": \"...\"}}")
         if not turns or not any(t.strip() for t in turns):
             raise PromptError(f"{path}:{n}: empty prompt")
         row.pop("response", None)
@@ -424,6 +426,19 @@ def _read_done(out_path, settings):
     return done
 
 
+def check_lengths(model, tokenizer, records, todo, raw, max_seq_len):
+    """Prompt lengths in tokens; a prompt that leaves no room for a response is refused before
+    any work, not an hour in."""
+    lengths = {i: len(encode_prompt(tokenizer, records[i]["turns"], raw)) for i in todo}
+    context = min(max_seq_len, model.args.max_seq_len)
+    for i in todo:
+        if lengths[i] >= context:
+            raise PromptError(f"prompt {i + 1} ({records[i]['turns'][-1][:60]!r}...) is "
+                              f"{lengths[i]} tokens; the context holds {context} (prompt + "
+                              f"response), leaving no room for a response")
+    return lengths
+
+
 def generate_file(model, tokenizer, records, out_path, settings, *, batch_size=16,
                   generator=None, compile=False):
     """Answer records (from read_prompts) into out_path as JSON lines
@@ -445,13 +460,7 @@ def generate_file(model, tokenizer, records, out_path, settings, *, batch_size=1
               file=sys.stderr)
     raw = settings.get("raw", False)
     decoding = {k: settings[k] for k in DECODING}
-    lengths = {i: len(encode_prompt(tokenizer, records[i]["turns"], raw)) for i in todo}
-    context = min(settings["max_seq_len"], model.args.max_seq_len)
-    for i in todo:  # before any work, not an hour in
-        if lengths[i] >= context:
-            raise PromptError(f"prompt {i + 1} ({records[i]['turns'][-1][:60]!r}...) is "
-                              f"{lengths[i]} tokens; the context holds {context} (prompt + "
-                              f"response), leaving no room for a response")
+    lengths = check_lengths(model, tokenizer, records, todo, raw, settings["max_seq_len"])
     todo.sort(key=lambda i: -lengths[i])  # batches of similar length: less padding
 
     from tqdm import tqdm
@@ -686,8 +695,6 @@ def main(argv=None):
             raise PromptError("give one of --prompt, --prompt_file, --interactive")
         if cfg.prompt is not None and not cfg.prompt.strip():
             raise PromptError("the prompt is empty")
-        if cfg.prompt_file is not None and not cfg.out:
-            raise PromptError("--prompt_file writes JSON lines to --out FILE; give one")
         if cfg.out and cfg.prompt_file is None:
             raise PromptError("--out goes with --prompt_file; --prompt and --interactive print "
                               "the response to stdout")
@@ -699,6 +706,14 @@ def main(argv=None):
         generator = torch.Generator(model.output.weight.device).manual_seed(seed)
         log(f"seed {seed}")
         decoding = {k: getattr(cfg, k) for k in DECODING}
+        gen = dict(decoding, generator=generator, compile=cfg.compile)
+        if records is not None and not cfg.out:  # a quick look: each prompt and its answer
+            check_lengths(model, tokenizer, records, range(len(records)), cfg.raw, cfg.max_seq_len)
+            responses = respond(model, tokenizer, [r["turns"] for r in records], raw=cfg.raw,
+                                batch_size=cfg.batch_size, **gen)
+            for r, response in zip(records, responses):
+                print(f"### {r['turns'][-1]}\n{response}\n", flush=True)
+            return
         if records is not None:
             settings = dict(decoding, raw=cfg.raw, seed=seed,
                             checkpoint=os.path.abspath(cfg.checkpoint))
@@ -707,7 +722,6 @@ def main(argv=None):
                               compile=cfg.compile)
             log(f"{cfg.out}: {n} new responses")
             return
-        gen = dict(decoding, generator=generator, compile=cfg.compile)
         if cfg.interactive:
             return interactive(model, tokenizer, cfg, gen)
         prompt = encode_prompt(tokenizer, [cfg.prompt], cfg.raw)  # checks the length early

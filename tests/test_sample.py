@@ -403,6 +403,19 @@ def test_cli_prompt_file_text(chat_dir, tmp_path, capsys):
     assert not os.path.exists(out2) or read_jsonl(out2) == []
 
 
+def test_cli_prepare_data_prompts_print_without_out(chat_dir, tmp_path, capsys):
+    # prepare_data.py's {split}_prompts.jsonl rows hold "turns"; with no --out the answers print
+    prompts = tmp_path / "test_prompts.jsonl"
+    rows = [{"id": 0, "source": "s", "turns": ["tea"]},
+            {"id": 1, "source": "multi_turn", "turns": ["the cat", "sat", "on a mat"], "reference": "x"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run_main(["--checkpoint", chat_dir, "--prompt_file", str(prompts), "--temperature", "0",
+                    "--max_new_tokens", "4"], capsys).out
+    assert out.startswith("### tea\n") and "\n### on a mat\n" in out
+    records = sample.read_prompts(str(prompts))
+    assert [r["turns"] for r in records] == [["tea"], ["the cat", "sat", "on a mat"]]
+
+
 def test_cli_interactive_keeps_the_conversation(chat_dir, monkeypatch, capsys):
     seen = []
     real = sample.respond
