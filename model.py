@@ -169,10 +169,10 @@ class Attention(nn.Module):
         S = k.shape[1]
         # query at position p sees keys 0..p of its own row: (B, 1, T, S)
         mask = torch.arange(S, device=q.device)[None, None, :] <= input_pos[:, :, None]
-        n_rep = self.n_heads // self.n_kv_heads
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T or S, head_dim)
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None])
+        # enable_gqa: each group of query heads reads its kv head without copying the cache
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None],
+                                             enable_gqa=self.n_heads != self.n_kv_heads)
         return out.transpose(1, 2)
 
 
