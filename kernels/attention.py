@@ -9,6 +9,7 @@ own example. Returns (B, T, n_heads, head_dim).
 
 import math
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -356,7 +357,11 @@ def seq_bounds(cu_seqlens, T):
     return cu_seqlens[example - 1].int(), cu_seqlens[example].int()
 
 
-def attention_fwd(q, k, v, seq_start=None):
+# The launchers are custom ops: torch.compile sees each as one opaque node, shaped by its fake
+# implementation, instead of tracing into Triton launches.
+@torch.library.custom_op("lima::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  seq_start: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, H, D = q.shape
     group = H // k.shape[2]
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -373,7 +378,16 @@ def attention_fwd(q, k, v, seq_start=None):
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, seq_start=None, seq_end=None):
+@attention_fwd.register_fake
+def _(q, k, v, seq_start):
+    B, T, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("lima::attention_bwd", mutates_args=())
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  o: torch.Tensor, lse: torch.Tensor, seq_start: Optional[torch.Tensor],
+                  seq_end: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, H, D = q.shape
     H_kv = k.shape[2]
     do = _last_dim_contiguous(do)
@@ -404,6 +418,11 @@ def attention_bwd(do, q, k, v, o, lse, seq_start=None, seq_end=None):
         HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PACKED=packed, DOT=dot,
         num_warps=num_warps, num_stages=num_stages)
     return dq, dk, dv
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, o, lse, seq_start, seq_end):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 class FlashAttention(torch.autograd.Function):

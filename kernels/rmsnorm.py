@@ -103,7 +103,10 @@ def _n_programs_bwd(device):
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def rms_norm_fwd(x, weight, eps):
+# The launchers are custom ops: torch.compile sees each as one opaque node, shaped by its fake
+# implementation, instead of tracing into Triton launches.
+@torch.library.custom_op("lima::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     x2 = x.reshape(-1, x.shape[-1])  # (M, N), a copy only if x's rows cannot be viewed
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -117,7 +120,15 @@ def rms_norm_fwd(x, weight, eps):
     return y.view(x.shape), rstd
 
 
-def rms_norm_bwd(dy, x, weight, rstd):
+@rms_norm_fwd.register_fake
+def _(x, weight, eps):
+    return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)),
+            x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32))
+
+
+@torch.library.custom_op("lima::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
@@ -131,6 +142,11 @@ def rms_norm_bwd(dy, x, weight, rstd):
                                triton.cdiv(M, P), BLOCK_N=BLOCK_N, num_warps=num_warps)
     dw = dw_partial.sum(0).to(weight.dtype)
     return dx.view(x.shape), dw
+
+
+@rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 class RMSNormFunction(torch.autograd.Function):
