@@ -1,0 +1,270 @@
+"""Kernel benchmarks (PERF.md): one command, one table, every variant checked before it is timed.
+
+    python -m kernels.bench                       # on a GPU: all of it, a few minutes
+    python -m kernels.bench --only packed --out $OUT/bench.md
+    python -m kernels.bench -h
+
+What is counted (kernels/NOTES.md has the reasoning):
+- causal attention forward: 4 * B * H * D * S^2 / 2 FLOPs (QK^T and PV, half the matrix);
+  backward 2.5x that (five matmuls, one of them recomputing QK^T); a packed batch counts
+  sum(L_i^2) over its examples instead of B * S^2, for every variant, padded ones included.
+- RMSNorm: the minimum bytes, read + written once: forward x, w -> y; backward dy, x, w -> dx, dw.
+Correctness: outputs and gradients against the PyTorch reference computed in fp32 from the same
+inputs (relative error of the worst of them); a variant over tolerance is marked FAIL.
+"""
+
+import datetime
+import importlib
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from config import parse_config
+from kernels.attention import attention_reference, attention_triton
+from kernels.rmsnorm import rms_norm_reference, rms_norm_triton
+
+
+@dataclass
+class BenchConfig:
+    only: str = field(default="all", metadata={"help": "attention | packed | rmsnorm | all | tune "
+                                                       "(tune: time block-size candidates, S=2048)"})
+    dtype: str = field(default="bfloat16", metadata={"help": "bfloat16 | float16 | float32"})
+    seqlens: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])
+    head_dims: list[int] = field(default_factory=lambda: [64, 128])
+    tokens: int = field(default=16384, metadata={"help": "batch * seqlen of each attention shape"})
+    model_dim: int = field(default=2048, metadata={"help": "n_heads * head_dim"})
+    packed_examples: int = field(default=32, metadata={"help": "LIMA §4: 32 examples per batch"})
+    packed_max_len: int = field(default=2048, metadata={"help": "LIMA §4: 2048 tokens max"})
+    packed_head_dim: int = 128
+    rms_rows: int = 16384
+    rms_dims: list[int] = field(default_factory=lambda: [4096, 8192])
+    compile: bool = field(default=True, metadata={"help": "also time torch.compile'd RMSNorm"})
+    check_only: bool = field(default=False, metadata={"help": "check every variant, time nothing"})
+    out: str = field(default="", metadata={"help": "also write the table (markdown) here"})
+    seed: int = 0
+
+
+SDPA_BACKENDS = {
+    "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa-math": SDPBackend.MATH,
+}
+
+
+def rel_err(out, ref):
+    ref = ref.float()
+    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def tolerance(dtype):
+    return 1e-4 if dtype == torch.float32 else 1e-2
+
+
+def lima_lengths(n, max_len, generator):
+    # LIMA's mix (LIMA.md §4): mean ~750 tokens, a fifth near 1.8k (wikiHow answers), max 2048.
+    # The rest: log-normal with its mean set so the whole batch averages ~750/2048 of max_len.
+    n_long = round(n / 5)
+    long = max_len * (0.8 + 0.2 * torch.rand(n_long, generator=generator))
+    short_mean = (0.366 * n - 0.9 * n_long) / (n - n_long)  # fractions of max_len
+    short = torch.exp(torch.randn(n - n_long, generator=generator) * 0.8) * short_mean * math.exp(-0.32)
+    lengths = torch.cat([long, short * max_len]).clamp(1, max_len).round().int()
+    return lengths[torch.randperm(n, generator=generator)].tolist()
+
+
+def sdpa_attention(backend):
+    def run(q, k, v):  # (B, T, H, D) in and out, like ours; SDPA wants (B, H, T, D)
+        with sdpa_kernel([backend]):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), is_causal=True)
+        return o.transpose(1, 2)
+    return run
+
+
+def forward_backward(fn, inputs, dout):
+    # gradients of sum(out * dout) w.r.t. every input; the graph is kept so backward can be timed
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, dout, retain_graph=True)
+    return inputs, out, grads
+
+
+def check(fn, inputs, dout, reference, valid=None):
+    # worst relative error over the output and every gradient; valid: which (batch, token) to compare
+    try:
+        _, out, grads = forward_backward(fn, inputs, dout)
+    except Exception as e:  # an SDPA backend that does not take this shape, a config too big, ...
+        return None, str(e).splitlines()[0][:60]
+    ref_out, ref_grads = reference
+    pairs = [(out, ref_out), *zip(grads, ref_grads)]
+    if valid is not None:
+        pairs = [(a[valid], b[valid]) for a, b in pairs]
+    return max(rel_err(a, b) for a, b in pairs), ""
+
+
+def time_fwd_bwd(fn, inputs, dout):
+    from triton.testing import do_bench
+    inputs, out, _ = forward_backward(fn, inputs, dout)
+    with torch.no_grad():
+        fwd = do_bench(lambda: fn(*inputs), warmup=25, rep=100, return_mode="median")
+    bwd = do_bench(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True),
+                   warmup=25, rep=100, return_mode="median")
+    return fwd, bwd
+
+
+def run_variants(cfg, rows, op, shape, variants, reference, work, unit):
+    # variants: (name, fn, inputs, dout, valid); work: (fwd, bwd) in FLOPs or bytes; a row each
+    for name, fn, var_inputs, var_dout, var_valid in variants:
+        err, why = check(fn, var_inputs, var_dout, reference, var_valid)
+        tol = tolerance(var_inputs[0].dtype)
+        row = dict(op=op, shape=shape, variant=name, err=err, ok=err is not None and err < tol,
+                   note=why, unit=unit)
+        if err is not None and not cfg.check_only:
+            row["fwd_ms"], row["bwd_ms"] = time_fwd_bwd(fn, var_inputs, var_dout)
+            fwd_work, bwd_work = work
+            row["fwd_rate"] = fwd_work / row["fwd_ms"] / 1e9  # per ms -> T per s
+            row["bwd_rate"] = bwd_work / row["bwd_ms"] / 1e9
+        rows.append(row)
+        print(format_row(row), flush=True)
+
+
+def reference_fwd_bwd(fn, inputs, dout):
+    _, out, grads = forward_backward(fn, [t.float() for t in inputs], dout.float())
+    return out, grads
+
+
+def bench_attention(cfg, rows, device, dtype, gen):
+    for D in cfg.head_dims:
+        H = cfg.model_dim // D
+        for S in cfg.seqlens:
+            B = max(1, cfg.tokens // S)
+            q, k, v, do = (torch.randn(B, S, H, D, generator=gen).to(device, dtype) for _ in range(4))
+            reference = reference_fwd_bwd(attention_reference, [q, k, v], do)
+            fwd_flops = 4 * B * H * D * S * S / 2
+            variants = [("triton", attention_triton, [q, k, v], do, None)]
+            variants += [(name, sdpa_attention(b), [q, k, v], do, None) for name, b in SDPA_BACKENDS.items()]
+            run_variants(cfg, rows, "attention", f"B{B} S{S} H{H} D{D}", variants, reference,
+                         (fwd_flops, 2.5 * fwd_flops), "TFLOP/s")
+
+
+def bench_packed(cfg, rows, device, dtype, gen):
+    D = cfg.packed_head_dim
+    H = cfg.model_dim // D
+    lengths = lima_lengths(cfg.packed_examples, cfg.packed_max_len, gen)
+    T, L = sum(lengths), max(lengths)
+    cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(0).int()
+    q, k, v, do = (torch.randn(1, T, H, D, generator=gen).to(device, dtype) for _ in range(4))
+    reference = reference_fwd_bwd(lambda q, k, v: attention_reference(q, k, v, cu_seqlens), [q, k, v], do)
+
+    # the same examples padded to the longest: (n, L, H, D); do = 0 on padding so its gradients vanish
+    def pad(t):
+        out = t.new_zeros(len(lengths), L, *t.shape[2:])
+        for i, (start, n) in enumerate(zip(cu_seqlens.tolist(), lengths)):
+            out[i, :n] = t[0, start:start + n]
+        return out
+    valid = torch.arange(L, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    padded_reference = [pad(t) for t in (reference[0], *reference[1])]
+    fwd_flops = 4 * H * D * sum(n * n for n in lengths) / 2  # useful work only, for every variant
+    work = (fwd_flops, 2.5 * fwd_flops)
+    shape = f"{len(lengths)} ex, T{T} (max {L}, mean {T / len(lengths):.0f}) H{H} D{D}"
+    run_variants(cfg, rows, "packed", shape,
+                 [("triton varlen", lambda q, k, v: attention_triton(q, k, v, cu_seqlens), [q, k, v], do, None)],
+                 reference, work, "TFLOP/s")
+    padded = [("padded " + name, sdpa_attention(b), [pad(q), pad(k), pad(v)], pad(do), valid)
+              for name, b in SDPA_BACKENDS.items()]
+    run_variants(cfg, rows, "packed", shape, padded, (padded_reference[0], padded_reference[1:]),
+                 work, "TFLOP/s")
+    print(f"(padding to the longest does {len(lengths) * L * L / sum(n * n for n in lengths):.2f}x "
+          f"the useful attention FLOPs; rates above count the useful ones only)")
+
+
+def bench_rmsnorm(cfg, rows, device, dtype, gen):
+    variants = [("triton", rms_norm_triton), ("eager", rms_norm_reference)]
+    if cfg.compile:
+        variants.append(("torch.compile", torch.compile(rms_norm_reference)))
+    for N in cfg.rms_dims:
+        M, size = cfg.rms_rows, dtype.itemsize
+        x, dy = (torch.randn(M, N, generator=gen).to(device, dtype) for _ in range(2))
+        w = (1 + 0.1 * torch.randn(N, generator=gen)).to(device, dtype)
+        reference = reference_fwd_bwd(lambda x, w: rms_norm_reference(x, w, 1e-6), [x, w], dy)
+        fwd_bytes = 2 * M * N * size + N * size  # x, w in; y out
+        bwd_bytes = 3 * M * N * size + 2 * N * size  # dy, x, w in; dx, dw out
+        run_variants(cfg, rows, "rmsnorm", f"M{M} N{N}",
+                     [(name, lambda x, w, fn=fn: fn(x, w, 1e-6), [x, w], dy, None) for name, fn in variants],
+                     reference, (fwd_bytes, bwd_bytes), "TB/s")
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for each pass of the attention kernels
+TUNE_CANDIDATES = dict(
+    fwd=[(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+    dkdv=[(32, 128, 8, 3), (64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (16, 128, 8, 3)],
+    dq=[(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+)
+
+
+def bench_tune(cfg, rows, device, dtype, gen):
+    # each candidate of each pass, checked then timed (the whole backward for dkdv and dq);
+    # the fastest go into _CONFIGS in kernels/attention.py by hand, with the table in NOTES.md
+    attention_module = importlib.import_module("kernels.attention")
+    S = 2048
+    for D in cfg.head_dims:
+        H, B = cfg.model_dim // D, max(1, cfg.tokens // S)
+        q, k, v, do = (torch.randn(B, S, H, D, generator=gen).to(device, dtype) for _ in range(4))
+        reference = reference_fwd_bwd(attention_reference, [q, k, v], do)
+        fwd_flops = 4 * B * H * D * S * S / 2
+        default = attention_module._CONFIGS[D]
+        for kind, candidates in TUNE_CANDIDATES.items():
+            for candidate in candidates:
+                attention_module._CONFIGS[D] = {**default, kind: candidate}
+                run_variants(cfg, rows, f"tune {kind}", f"B{B} S{S} H{H} D{D}",
+                             [(str(candidate), attention_triton, [q, k, v], do, None)],
+                             reference, (fwd_flops, 2.5 * fwd_flops), "TFLOP/s")
+        attention_module._CONFIGS[D] = default
+
+
+def format_row(r):
+    err = "n/a" if r["err"] is None else f"{r['err']:.1e}" + ("" if r["ok"] else " FAIL")
+    if "fwd_ms" in r:
+        timing = (f"| {r['fwd_ms']:8.3f} | {r['fwd_rate']:7.1f} | {r['bwd_ms']:8.3f} | "
+                  f"{r['bwd_rate']:7.1f} ")
+    else:
+        timing = "| " + " | ".join(["-"] * 4) + " "
+    return f"| {r['op']} | {r['shape']} | {r['variant']} | {err} {r['note']} {timing}| {r['unit']} |"
+
+
+HEADER = ("| op | shape | variant | check (rel err) | fwd ms | fwd rate | bwd ms | bwd rate | unit |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv=None):
+    cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg.check_only |= device == "cpu"  # no CUDA events to time with; the interpreter is not fast
+    dtype = getattr(torch, cfg.dtype)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter, checks only)"
+    import triton
+    title = (f"{name}, {datetime.date.today()}, torch {torch.__version__}, triton {triton.__version__}, "
+             f"{cfg.dtype}, medians of triton.testing.do_bench\n"
+             f"command: python -m kernels.bench {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(title)
+    print(HEADER)
+    rows = []
+    benches = dict(attention=bench_attention, packed=bench_packed, rmsnorm=bench_rmsnorm, tune=bench_tune)
+    for what, bench in benches.items():
+        if cfg.only == what or (cfg.only == "all" and what != "tune"):
+            bench(cfg, rows, device, dtype, gen)
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            f.write(title + "\n\n" + HEADER + "\n" + "\n".join(format_row(r) for r in rows) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    rows = main()
+    ours = [r for r in rows if r["variant"].startswith("triton")]
+    sys.exit(0 if all(r["ok"] for r in ours) else 1)
