@@ -428,7 +428,8 @@ def _(do, q, k, v, o, lse, seq_start, seq_end):
 class FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens):
-        seq_start, seq_end = seq_bounds(cu_seqlens, q.shape[1]) if cu_seqlens is not None else (None, None)
+        packed = cu_seqlens is not None
+        seq_start, seq_end = seq_bounds(cu_seqlens.to(q.device), q.shape[1]) if packed else (None, None)
         o, lse = attention_fwd(q, k, v, seq_start)
         ctx.save_for_backward(q, k, v, o, lse, seq_start, seq_end)
         return o
