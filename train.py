@@ -227,7 +227,7 @@ def build_model(cfg, args, add_eot, device):
     allocate only this rank's shards, and fill them parameter by parameter from the source, so
     no rank ever holds the whole model (65B is 130 GB in bf16)."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args).to(param_dtype(cfg))  # the sharded master weights' dtype
     if cfg.activation_checkpointing:
         for block in model.layers:  # recompute the block in the backward; names unchanged
             forward = block.forward
@@ -238,6 +238,9 @@ def build_model(cfg, args, add_eot, device):
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg, device), reduce_dtype=torch.float32)
     kw = dict(mp_policy=mp) if mp else {}
     if cfg.cpu_offload:
+        if device.type != "cuda":
+            raise ValueError("--cpu_offload moves sharded state from the GPUs to host memory; "
+                             "it needs CUDA devices. Leave it off on CPU.")
         kw["offload_policy"] = CPUOffloadPolicy()
     for block in model.layers:
         fully_shard(block, **kw)

@@ -94,6 +94,14 @@ def test_micro_batching_and_activation_checkpointing_do_not_change_the_loss(setu
     assert np.allclose(losses(records), losses(reference), rtol=1e-4, atol=0)
 
 
+def test_bf16_master_weights(setup, reference):
+    # --param_dtype bf16 (the 65B-on-8-GPUs option): the weights really are bf16, so the first
+    # loss moves by bf16 rounding, no more
+    records, _ = run(setup, "bf16", "--param_dtype", "bf16", "--max_steps", "2")
+    first, ref = records[0]["loss"], reference[0]["loss"]
+    assert first != ref and first == pytest.approx(ref, rel=2e-2)
+
+
 def test_two_ranks_equal_one(setup, reference):
     records, _ = run(setup, "ddp", nproc=2)
     assert np.allclose(losses(records), losses(reference), rtol=1e-4, atol=0)
