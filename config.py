@@ -26,7 +26,7 @@ def _parse_optional(inner):
 def build_parser(cls, presets=None, description=None):
     parser = argparse.ArgumentParser(
         description=description or cls.__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)  # no silent prefixes
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help="named overrides applied before the flags given here")
