@@ -331,8 +331,11 @@ def memory_plan(cfg, args, world_size, device, max_len, capacity=None):
 
 def full_tensors(model, dtype):
     """Every parameter gathered whole, one at a time, on every rank (a collective each)."""
+    nccl = dist.get_backend() == "nccl"
     for name, p in model.state_dict().items():
         if isinstance(p, DTensor):
+            if nccl and p.device.type == "cpu":  # --cpu_offload: NCCL gathers only GPU tensors
+                p = p.to(torch.cuda.current_device())
             p = p.full_tensor()
         if dist.get_rank() == 0:
             yield name, p.detach().to("cpu", dtype)
