@@ -60,6 +60,25 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _key_blocks(SEQ_START, offs_m, m0, T, PACKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The keys a block of query rows m0.. needs, split by how much masking they take:
+    [lo, full_lo) masked | [full_lo, full_hi) every row sees every key | [full_hi, hi) masked.
+    Blocks before lo (earlier examples of a packed batch) are skipped, not computed."""
+    last = tl.minimum(m0 + BLOCK_M, T) - 1
+    if PACKED:
+        row_start = tl.load(SEQ_START + offs_m, mask=offs_m < T, other=0)
+        first_start, last_start = tl.load(SEQ_START + m0), tl.load(SEQ_START + last)
+    else:
+        row_start = tl.zeros([BLOCK_M], dtype=tl.int32)
+        first_start, last_start = tl.full([], 0, tl.int32), tl.full([], 0, tl.int32)
+    lo = first_start // BLOCK_N * BLOCK_N
+    full_lo = tl.maximum(lo, tl.cdiv(last_start, BLOCK_N) * BLOCK_N)
+    full_hi = tl.maximum(full_lo, (m0 + 1) // BLOCK_N * BLOCK_N)
+    return row_start, lo, full_lo, full_hi, last + 1
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, sk_t, sv_t, offs_m, row_start, lo, hi, T, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                DOT: tl.constexpr):
@@ -105,18 +124,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ_START,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + offs_m[:, None] * sq_t + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
-    last = tl.minimum(m0 + BLOCK_M, T) - 1
-    if PACKED:
-        row_start = tl.load(SEQ_START + offs_m, mask=offs_m < T, other=0)
-        first_start, last_start = tl.load(SEQ_START + m0), tl.load(SEQ_START + last)
-    else:
-        row_start = tl.zeros([BLOCK_M], dtype=tl.int32)
-        first_start, last_start = tl.full([], 0, tl.int32), tl.full([], 0, tl.int32)
-    # key blocks: [lo, full_lo) masked | [full_lo, full_hi) every row sees every key | [full_hi, hi) masked
-    lo = first_start // BLOCK_N * BLOCK_N
-    hi = last + 1
-    full_lo = tl.maximum(lo, tl.cdiv(last_start, BLOCK_N) * BLOCK_N)
-    full_hi = tl.maximum(full_lo, (m0 + 1) // BLOCK_N * BLOCK_N)
+    row_start, lo, full_lo, full_hi, hi = _key_blocks(SEQ_START, offs_m, m0, T, PACKED, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
@@ -290,18 +298,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_START,
                  mask=rows[:, None], other=0.0)
     lse = tl.load(LSE + bh * T + offs_m, mask=rows, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh * T + offs_m, mask=rows, other=0.0)
-    last = tl.minimum(m0 + BLOCK_M, T) - 1
-    if PACKED:
-        row_start = tl.load(SEQ_START + offs_m, mask=rows, other=0)
-        first_start, last_start = tl.load(SEQ_START + m0), tl.load(SEQ_START + last)
-    else:
-        row_start = tl.zeros([BLOCK_M], dtype=tl.int32)
-        first_start, last_start = tl.full([], 0, tl.int32), tl.full([], 0, tl.int32)
     # the same key-block split as the forward
-    lo = first_start // BLOCK_N * BLOCK_N
-    hi = last + 1
-    full_lo = tl.maximum(lo, tl.cdiv(last_start, BLOCK_N) * BLOCK_N)
-    full_hi = tl.maximum(full_lo, (m0 + 1) // BLOCK_N * BLOCK_N)
+    row_start, lo, full_lo, full_hi, hi = _key_blocks(SEQ_START, offs_m, m0, T, PACKED, BLOCK_M, BLOCK_N)
     qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
