@@ -173,8 +173,10 @@ def pack(split, examples, device, bos_id):
     return x, y, torch.tensor(cu, dtype=torch.int32, device=device)
 
 
-def supervised_tokens(split, examples):
-    return int(sum(np.count_nonzero(split.example(i)[1][1:]) for i in examples))
+def supervised_counts(split):
+    """Trained targets per example: mask[1:] (a target is the next token), counted once."""
+    c = np.concatenate([[0], np.cumsum(split.mask, dtype=np.int64)])
+    return c[split.offsets[1:]] - c[split.offsets[:-1] + 1]
 
 
 # ---- model -----------------------------------------------------------------------------------
@@ -477,6 +479,7 @@ def train(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     lengths = train_split.lengths
+    supervised = supervised_counts(train_split)
     steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs  # the lr schedule's length
     stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
@@ -512,7 +515,7 @@ def train(cfg):
             t0 = time.perf_counter()
             batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
             plan = plan_microbatches(batch, lengths, world_size, cfg.micro_batch_tokens)
-            n_supervised = supervised_tokens(train_split, batch)  # the same number on every rank
+            n_supervised = int(supervised[batch].sum())  # the same number on every rank
             lr = lr_at(step, total_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
