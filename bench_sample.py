@@ -130,7 +130,7 @@ def main():
             print(f"  {name}, batch {batch}: {rate:.1f} tok/s", file=sys.stderr)
 
     cuda = torch.device(a.device).type == "cuda"
-    print(f"| implementation | batch | decode tok/s | vs transformers |"
+    print("| implementation | batch | decode tok/s | vs transformers |"
           + (" % of bandwidth bound |" if cuda else ""))
     print("|---|---|---|---|" + ("---|" if cuda else ""))
     for name, batch, rate, rel, frac in rows:
