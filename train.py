@@ -105,8 +105,15 @@ def setup_distributed(device):
     if device == "cuda":
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    # On GPUs, NCCL for CUDA tensors and gloo beside it for CPU ones: with --cpu_offload the
+    # gradients are CPU DTensors and the clip's norm all-reduces them where they live (FSDP2
+    # has no NCCL path for that; pytorch#148532, torchtune#1977)
+    dist.init_process_group("cuda:nccl,cpu:gloo" if device.startswith("cuda") else "gloo")
     return torch.device(device), dist.get_rank(), dist.get_world_size()
+
+
+def uses_nccl():
+    return "nccl" in str(dist.get_backend())
 
 
 def log(*args):
@@ -333,7 +340,7 @@ def memory_plan(cfg, args, world_size, device, max_len, capacity=None):
 
 def full_tensors(model, dtype):
     """Every parameter gathered whole, one at a time, on every rank (a collective each)."""
-    nccl = dist.get_backend() == "nccl"
+    nccl = uses_nccl()
     for name, p in model.state_dict().items():
         if isinstance(p, DTensor):
             if nccl and p.device.type == "cpu":  # --cpu_offload: NCCL gathers only GPU tensors
@@ -361,7 +368,7 @@ def save_consolidated(model, args, path, cfg, meta, epoch, dtype):
 
 def check_all_ok(error, what):
     """Stop every rank if any rank failed (a rank that raises alone would hang the others)."""
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device = "cuda" if uses_nccl() else "cpu"
     failed = torch.tensor([error is not None], dtype=torch.int32, device=device)
     dist.all_reduce(failed)
     if failed.item():
@@ -464,6 +471,33 @@ def dev_generations(model, tokenizer, prompts, path, epoch, cfg, seed):
 
 # ---- training ----------------------------------------------------------------------------------
 
+def train_step(model, optimizer, micro_batches, n_supervised, grad_clip):
+    """One optimizer step over this rank's packed micro-batches [(x, y, cu_seqlens), ...].
+
+    The loss is the mean over the n_supervised trained tokens of the whole step, all ranks
+    together, however the examples were split. Returns (that mean, the gradient norm before
+    clipping). A non-finite loss returns before the optimizer step, which is then not taken."""
+    world_size = dist.get_world_size()
+    device = micro_batches[0][0].device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y, cu in micro_batches:
+        _, loss = model(x, y, cu_seqlens=cu, reduction="sum")
+        # each micro-batch's share of the step's mean; FSDP averages gradients over ranks,
+        # so scale by world_size to get the sum over all ranks' tokens
+        (loss * (world_size / max(n_supervised, 1))).backward()
+        loss_sum += loss.detach().double()
+    dist.all_reduce(loss_sum)
+    step_loss = loss_sum.item() / max(n_supervised, 1)
+    if not math.isfinite(step_loss):
+        optimizer.zero_grad(set_to_none=True)
+        return step_loss, float("nan")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
 def train(cfg):
     device, rank, world_size = setup_distributed(cfg.device)
     meta = prepare_data.load_meta(cfg.data_dir)
@@ -519,24 +553,12 @@ def train(cfg):
             lr = lr_at(step, total_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for examples in plan[rank]:
-                x, y, cu = pack(train_split, examples, device, tokenizer.bos_id)
-                _, loss = model(x, y, cu_seqlens=cu, reduction="sum")
-                # each micro-batch's share of the step's mean; FSDP averages gradients over
-                # ranks, so scale by world_size to get the sum over all ranks' tokens
-                (loss * (world_size / max(n_supervised, 1))).backward()
-                loss_sum += loss.detach().double()
-            dist.all_reduce(loss_sum)
-            step_loss = loss_sum.item() / max(n_supervised, 1)
+            micro_batches = [pack(train_split, examples, device, tokenizer.bos_id) for examples in plan[rank]]
+            step_loss, grad_norm = train_step(model, optimizer, micro_batches, n_supervised, cfg.grad_clip)
             if not math.isfinite(step_loss):
                 raise SystemExit(
                     f"loss is {step_loss} at step {step} (epoch {epoch + 1}); no checkpoint was written "
                     f"for this step. Try a lower --lr, --param_dtype fp32, or check the data in {cfg.data_dir}.")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             tokens = int(sum(lengths[i] - 1 for i in batch))
             record = dict(step=step, epoch=epoch + 1, loss=step_loss, lr=lr, grad_norm=grad_norm,
