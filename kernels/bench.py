@@ -16,7 +16,9 @@ inputs (relative error of the worst of them); a variant over tolerance is marked
 import datetime
 import importlib
 import math
+import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +33,7 @@ from kernels.rmsnorm import rms_norm_reference, rms_norm_triton
 @dataclass
 class BenchConfig:
     only: str = field(default="all", metadata={"help": "attention | packed | rmsnorm | all | tune "
-                                                       "(tune: time block-size candidates, S=2048)"})
+                                                       "(tune: time block-size candidates at --tune_seqlen)"})
     dtype: str = field(default="bfloat16", metadata={"help": "bfloat16 | float16 | float32"})
     seqlens: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])
     head_dims: list[int] = field(default_factory=lambda: [64, 128])
@@ -40,10 +42,16 @@ class BenchConfig:
     packed_examples: int = field(default=32, metadata={"help": "LIMA §4: 32 examples per batch"})
     packed_max_len: int = field(default=2048, metadata={"help": "LIMA §4: 2048 tokens max"})
     packed_head_dim: int = 128
+    tune_seqlen: int = field(default=2048, metadata={"help": "sequence length of --only tune"})
+    tune_limit: int = field(default=0, metadata={"help": "--only tune: the first N candidates of each pass (0: all)"})
     rms_rows: int = 16384
     rms_dims: list[int] = field(default_factory=lambda: [4096, 8192])
     compile: bool = field(default=True, metadata={"help": "also time torch.compile'd RMSNorm"})
+    backends: list[str] = field(default_factory=lambda: ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"],
+                                metadata={"help": "torch SDPA backends to compare against"})
     check_only: bool = field(default=False, metadata={"help": "check every variant, time nothing"})
+    cpu_timing: bool = field(default=False, metadata={"help": "on CPU, time with the wall clock anyway "
+                                                            "(smoke runs: the numbers mean nothing)"})
     out: str = field(default="", metadata={"help": "also write the table (markdown) here"})
     seed: int = 0
 
@@ -106,13 +114,27 @@ def check(fn, inputs, dout, reference, valid=None):
     return max(rel_err(a, b) for a, b in pairs), ""
 
 
+def time_ms(fn, device):
+    """Median milliseconds of fn(). On CUDA: triton's do_bench (CUDA events, L2 flushed between
+    runs, 25 ms of warm-up, 100 ms of runs). On CPU a few wall-clock runs, which only show that
+    the code path works (smoke runs under the interpreter)."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
 def time_fwd_bwd(fn, inputs, dout):
-    from triton.testing import do_bench
     inputs, out, _ = forward_backward(fn, inputs, dout)
     with torch.no_grad():
-        fwd = do_bench(lambda: fn(*inputs), warmup=25, rep=100, return_mode="median")
-    bwd = do_bench(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True),
-                   warmup=25, rep=100, return_mode="median")
+        fwd = time_ms(lambda: fn(*inputs), dout.device)
+    bwd = time_ms(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True), dout.device)
     return fwd, bwd
 
 
@@ -146,7 +168,7 @@ def bench_attention(cfg, rows, device, dtype, gen):
             reference = reference_fwd_bwd(attention_reference, [q, k, v], do)
             fwd_flops = 4 * B * H * D * S * S / 2
             variants = [("triton", attention_triton, [q, k, v], do, None)]
-            variants += [(name, sdpa_attention(b), [q, k, v], do, None) for name, b in SDPA_BACKENDS.items()]
+            variants += [(name, sdpa_attention(SDPA_BACKENDS[name]), [q, k, v], do, None) for name in cfg.backends]
             run_variants(cfg, rows, "attention", f"B{B} S{S} H{H} D{D}", variants, reference,
                          (fwd_flops, 2.5 * fwd_flops), "TFLOP/s")
 
@@ -174,8 +196,8 @@ def bench_packed(cfg, rows, device, dtype, gen):
     run_variants(cfg, rows, "packed", shape,
                  [("triton varlen", lambda q, k, v: attention_triton(q, k, v, cu_seqlens), [q, k, v], do, None)],
                  reference, work, "TFLOP/s")
-    padded = [("padded " + name, sdpa_attention(b), [pad(q), pad(k), pad(v)], pad(do), valid)
-              for name, b in SDPA_BACKENDS.items()]
+    padded = [("padded " + name, sdpa_attention(SDPA_BACKENDS[name]), [pad(q), pad(k), pad(v)], pad(do), valid)
+              for name in cfg.backends]
     run_variants(cfg, rows, "packed", shape, padded, (padded_reference[0], padded_reference[1:]),
                  work, "TFLOP/s")
     print(f"(padding to the longest does {len(lengths) * L * L / sum(n * n for n in lengths):.2f}x "
@@ -210,20 +232,21 @@ def bench_tune(cfg, rows, device, dtype, gen):
     # each candidate of each pass, checked then timed (the whole backward for dkdv and dq);
     # the fastest go into _CONFIGS in kernels/attention.py by hand, with the table in NOTES.md
     attention_module = importlib.import_module("kernels.attention")
-    S = 2048
+    S = cfg.tune_seqlen
     for D in cfg.head_dims:
         H, B = cfg.model_dim // D, max(1, cfg.tokens // S)
         q, k, v, do = (torch.randn(B, S, H, D, generator=gen).to(device, dtype) for _ in range(4))
         reference = reference_fwd_bwd(attention_reference, [q, k, v], do)
         fwd_flops = 4 * B * H * D * S * S / 2
-        default = attention_module._CONFIGS[D]
+        key = max(D, 64)  # the kernels' _config: head dims below 64 share 64's blocks
+        default = attention_module._CONFIGS[key]
         for kind, candidates in TUNE_CANDIDATES.items():
-            for candidate in candidates:
-                attention_module._CONFIGS[D] = {**default, kind: candidate}
+            for candidate in candidates[:cfg.tune_limit or None]:
+                attention_module._CONFIGS[key] = {**default, kind: candidate}
                 run_variants(cfg, rows, f"tune {kind}", f"B{B} S{S} H{H} D{D}",
                              [(str(candidate), attention_triton, [q, k, v], do, None)],
                              reference, (fwd_flops, 2.5 * fwd_flops), "TFLOP/s")
-        attention_module._CONFIGS[D] = default
+        attention_module._CONFIGS[key] = default
 
 
 def format_row(r):
@@ -243,7 +266,10 @@ HEADER = ("| op | shape | variant | check (rel err) | fwd ms | fwd rate | bwd ms
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg.check_only |= device == "cpu"  # no CUDA events to time with; the interpreter is not fast
+    unknown = set(cfg.backends) - set(SDPA_BACKENDS)
+    if unknown:
+        raise SystemExit(f"--backends: unknown {sorted(unknown)}; choose from {sorted(SDPA_BACKENDS)}")
+    cfg.check_only |= device == "cpu" and not cfg.cpu_timing  # no CUDA events; the interpreter is slow
     dtype = getattr(torch, cfg.dtype)
     gen = torch.Generator().manual_seed(cfg.seed)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter, checks only)"

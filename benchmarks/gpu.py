@@ -1,0 +1,769 @@
+"""The GPU check: everything a lent GPU must show, in one command of at most 7 minutes.
+
+    python benchmarks/gpu.py --out $OUT                        # on the GPU (an H200): ~7 min
+    python benchmarks/gpu.py --smoke --out /tmp/gpu-smoke      # on a CPU: every part, < 1 min
+    python benchmarks/gpu.py --parts kernels,decoding --out $OUT   # rerun some parts
+
+Each part runs in its own process with its own time budget (a crash, a hang or a CUDA error
+in one is reported and the next part still runs), in this order:
+
+  correctness  the CUDA cases of tests/test_kernels.py (fp32, bf16); the model's packed forward
+               and backward with the kernels against the PyTorch path, both against float64;
+               20 steps of train.py's train_step in bf16 with the kernels and without
+               (LIMA_KERNELS=torch). Kernel outputs are NaN-poisoned before every launch.
+  kernels      the two ceilings (a large bf16 matmul, a device-to-device copy); attention forward
+               and backward against torch's SDPA backends, head dim 64 and 128, S 512-4096,
+               causal; packed (varlen) against padded SDPA on LIMA's length mix; RMSNorm in TB/s;
+               a block-size sweep at head dim 128 (kernels/bench.py, every variant checked first).
+  training     a ~1B LLaMA (random init) on LIMA-like packed batches through train.py's
+               build_model and train_step, bf16: tokens/s, MFU, peak memory against the memory
+               plan, with and without activation checkpointing; --cpu_offload through the first
+               gradient clip and optimizer step.
+  decoding     the 7B shape (random weights, bf16) at batch 1 against the bandwidth bound, eager
+               and --compile; 64 prompts with LIMA-like answer lengths (an end-of-turn forced at
+               each drawn length, for both) against transformers' generate.
+
+Under --out: <part>.log (all a part printed), results.md (every table, with device, date and
+command), results.json (every row). The summary table is printed last. --smoke runs the same
+code on tiny shapes and models on a CPU, the Triton kernels under TRITON_INTERPRET=1; its
+numbers mean nothing, it only proves the script runs (tests/test_gpu_script.py).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# seconds of GPU time each part may take; the smoke run on a CPU gets its own (generous) ones
+BUDGETS = {"correctness": 90, "kernels": 110, "training": 75, "decoding": 145}
+SMOKE_BUDGETS = {"correctness": 120, "kernels": 120, "training": 120, "decoding": 120}
+
+# PERF targets (H200 / H100, bf16)
+PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16, the vendor's figure: MFU's denominator
+TARGETS = dict(attn_fwd=400.0, attn_bwd=300.0, vs_sdpa=1.0, packed_vs_padded=2.0,
+               rms_fwd=0.70, rms_bwd=0.60, mfu=0.50, decode_bound=0.70, vs_hf=3.0)
+
+
+# ---- rows: what every part reports --------------------------------------------------------------
+
+class Recorder:
+    """Appends each result to <out>/<part>.rows.jsonl the moment it exists (a part killed at
+    its budget keeps what it measured) and prints it."""
+
+    def __init__(self, out, part, smoke):
+        self.path = os.path.join(out, f"{part}.rows.jsonl")
+        self.part, self.smoke = part, smoke
+
+    def row(self, name, value, unit="", target=None, met=None, note=""):
+        """target: a string such as '>= 400'; met: True / False / None (nothing to compare)."""
+        if self.smoke:
+            met = None  # tiny shapes on a CPU: no target applies
+        r = dict(part=self.part, name=name, value=value, unit=unit, target=target, met=met, note=note)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        shown = f"{value:.4g}" if isinstance(value, float) else value
+        print(f"  [{self.part}] {name}: {shown} {unit} {'' if target is None else '(target ' + target + ')'}"
+              f" {'' if met is None else ('MET' if met else 'MISSED')} {note}", flush=True)
+        return r
+
+    def table(self, title, text):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dict(part=self.part, table=title, text=text)) + "\n")
+
+    def failure(self, name, error):
+        return self.row(name, "error", target="runs", met=False, note=error)
+
+
+def guarded(rec, name, fn, *args, **kwargs):
+    """Run one check; an exception becomes a failed row and the part goes on."""
+    t = time.perf_counter()
+    print(f"-- {name}", flush=True)
+    try:
+        return fn(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001 - SystemExit from train.py's helpers included
+        traceback.print_exc()
+        rec.failure(name, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    finally:
+        print(f"-- {name}: {time.perf_counter() - t:.1f} s", flush=True)
+
+
+# ---- measuring ----------------------------------------------------------------------------------
+
+def sync(device):
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def wall(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t, out
+
+
+def ceilings(device, smoke):
+    """(bf16 matmul FLOP/s, copy bytes/s) measured now on random data: the rates every
+    compute- and memory-bound figure below is held against."""
+    import torch
+    from kernels.bench import time_ms
+    n = 256 if smoke else 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    matmul = 2 * n ** 3 / (time_ms(lambda: a @ b, device) / 1e3)
+    size = (1 << 20) if smoke else (1 << 30)  # 2 GiB of bf16 read + written: far past the L2
+    x = torch.randn(size, device=device, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    copy = 2 * x.numel() * x.element_size() / (time_ms(lambda: y.copy_(x), device) / 1e3)
+    return matmul, copy
+
+
+# ---- part 1: correctness ------------------------------------------------------------------------
+
+def kernel_tests(rec, smoke):
+    """tests/test_kernels.py's CUDA cases, run by pytest exactly as the suite runs them."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
+           "-k", "cuda"]
+    try:
+        import xdist  # noqa: F401 - on the GPU image: compile the kernels in parallel
+        cmd += ["-n", "8"]
+    except ImportError:
+        pass
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    print(proc.stdout[-6000:], proc.stderr[-3000:], flush=True)
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    counts = {word: int(n) for n, word in
+              (part.split()[:2] for part in last.replace("=", "").split(",") if len(part.split()) >= 2)
+              if n.isdigit()}
+    passed, failed = counts.get("passed", 0), counts.get("failed", 0) + counts.get("error", 0)
+    rec.row("kernel tests, CUDA cases (fp32 + bf16)", f"{passed} passed, {failed} failed",
+            target="all pass", met=failed == 0 and passed > 0 and proc.returncode == 0, note=last)
+
+
+def interpreted_kernel_cases(rec):
+    """Smoke only (no CUDA here): a few of the same cases through the Triton interpreter."""
+    from tests.test_kernels import ATTENTION_CASES, RMS_NORM_CASES, attention_errors, rms_norm_errors
+    worst = max(max(attention_errors(**ATTENTION_CASES["packed_gqa"]).values()),
+                max(rms_norm_errors(**RMS_NORM_CASES["rows35_dim100"]).values()))
+    rec.row("kernel cases under the interpreter (fp32)", worst, "rel err", "< 1e-4", worst < 1e-4)
+
+
+def count_triton_calls():
+    """Wrap the two Triton launchers so a check can prove the kernels (not the fallback) ran."""
+    import kernels
+    calls = {"attention": 0, "rms_norm": 0}
+    for module, fn_name, key in ((kernels._attention, "attention_triton", "attention"),
+                                 (kernels._rmsnorm, "rms_norm_triton", "rms_norm")):
+        fn = getattr(module, fn_name)
+
+        def counted(*args, _fn=fn, _key=key, **kwargs):
+            calls[_key] += 1
+            return _fn(*args, **kwargs)
+        setattr(module, fn_name, counted)
+    return calls
+
+
+def small_args(smoke, **overrides):
+    from model import ModelArgs
+    if smoke:
+        base = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=128, multiple_of=16,
+                    max_seq_len=64)
+    else:  # head dim 128 and GQA: the kernels' main path
+        base = dict(dim=512, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=64,
+                    max_seq_len=2048)
+    return ModelArgs(**{**base, **overrides})
+
+
+def packed_forward_backward(model, tokens, targets, cu_seqlens, use_kernels):
+    """Logits and every parameter's gradient of the packed summed loss."""
+    import torch
+    os.environ["LIMA_KERNELS"] = "triton" if use_kernels else "torch"
+    try:
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(tokens, targets, cu_seqlens=cu_seqlens, reduction="sum")
+        loss.backward()
+        return [logits.detach()] + [p.grad.detach() for p in model.parameters()]
+    finally:
+        os.environ.pop("LIMA_KERNELS", None)
+
+
+def model_check(rec, device, dtype, smoke, calls):
+    """Packed forward and backward of a small model: the kernels and the PyTorch path, each in
+    `dtype`, against the same model in float64. The kernels pass if their worst relative error
+    is at most twice the PyTorch path's (or under a floor), and every value is finite."""
+    import copy
+    import torch
+    from model import IGNORE_INDEX, Transformer
+    args = small_args(smoke)
+    lengths = [5, 1, 19, 7] if smoke else [1, 300, 700, 129, 1000, 1]
+    torch.manual_seed(0)
+    base = Transformer(args)
+    base.init_weights()
+    T = sum(lengths)
+    tokens = torch.randint(0, args.vocab_size, (1, T), device=device)
+    targets = torch.randint(0, args.vocab_size, (1, T), device=device)
+    targets[0, ::7] = IGNORE_INDEX
+    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+    ref = packed_forward_backward(copy.deepcopy(base).to(device, torch.float64), tokens, targets, cu, False)
+    errors = {}
+    for use_kernels in (True, False):
+        before = dict(calls)
+        out = packed_forward_backward(copy.deepcopy(base).to(device, dtype), tokens, targets, cu, use_kernels)
+        if use_kernels and (calls["attention"] == before["attention"] or calls["rms_norm"] == before["rms_norm"]):
+            raise RuntimeError("the Triton kernels did not run (dispatch fell back to PyTorch)")
+        finite = all(torch.isfinite(t).all() for t in out)
+        errors[use_kernels] = (max(((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+                                   for a, b in zip(out, ref)), finite)
+    (ours, ours_finite), (torchs, _) = errors[True], errors[False]
+    floor = 1e-5 if dtype == torch.float32 else 1e-3
+    name = f"model packed fwd+bwd, {str(dtype).removeprefix('torch.')}: worst rel err vs float64"
+    rec.row(name, ours, "", f"<= 2x PyTorch path ({torchs:.2e})",
+            ours_finite and ours <= max(2 * torchs, floor),
+            note=f"logits and {len(ref) - 1} gradients; all finite: {ours_finite}")
+
+
+def synthetic_split(lengths, vocab_size, seed):
+    """A prepared-data split (data format of prepare_data.py) of random tokens: the first
+    third of each example is the 'user' turn (not trained), the rest is trained."""
+    import numpy as np
+    from prepare_data import Split
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = rng.integers(3, vocab_size, offsets[-1]).astype(np.int32)
+    tokens[offsets[:-1]] = 1  # BOS
+    mask = np.ones(offsets[-1], dtype=bool)
+    for a, n in zip(offsets[:-1], lengths):
+        mask[a:a + max(1, n // 3)] = False
+    return Split(tokens=tokens, mask=mask, offsets=offsets)
+
+
+def run_steps(cfg, args, split, steps, batch_size, device, timed_from=None):
+    """train.py's path: build_model (FSDP2, mixed precision), make_optimizer, then train_step
+    on its packed micro-batches. Returns per-step (loss, grad_norm, seconds, tokens)."""
+    import torch
+    import train
+    model = train.build_model(cfg, args, False, device)
+    optimizer = train.make_optimizer(model, cfg)
+    supervised = train.supervised_counts(split)
+    torch.manual_seed(cfg.seed)  # the same dropout masks for every run of this function
+    total_steps = math.ceil(len(split) / batch_size)
+    results = []
+    for step in range(steps):
+        batch = list(range(step * batch_size, (step + 1) * batch_size))
+        batch = [i % len(split) for i in batch]
+        for group in optimizer.param_groups:
+            group["lr"] = train.lr_at(step, total_steps, cfg)
+        sync(device)
+        t = time.perf_counter()
+        plan = train.plan_microbatches(batch, split.lengths, 1, cfg.micro_batch_tokens)
+        micro = [train.pack(split, examples, device, 1) for examples in plan[0]]
+        loss, grad_norm = train.train_step(model, optimizer, micro, int(supervised[batch].sum()),
+                                           cfg.grad_clip)
+        sync(device)
+        results.append((loss, grad_norm, time.perf_counter() - t, int(sum(split.lengths[i] - 1 for i in batch))))
+    del model, optimizer
+    return results
+
+
+def training_equivalence(rec, device, smoke):
+    """20 steps of train_step, bf16 on the GPU, with the kernels and with LIMA_KERNELS=torch:
+    the same weights, data and dropout masks, so the losses must agree to bf16 tolerance."""
+    import torch
+    from train import TrainConfig
+    args = small_args(smoke, resid_dropout=0.3)
+    steps = 3 if smoke else 20
+    lengths = [9, 30, 17, 4, 22, 11] * 4 if smoke else [120, 900, 37, 1000, 256, 513, 64, 800] * 10
+    split = synthetic_split(lengths, args.vocab_size, seed=0)
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, micro_batch_tokens=64 if smoke else 2048,
+                      compute_dtype="auto", resid_dropout=0.3)
+    losses = {}
+    for use_kernels in (True, False):
+        os.environ["LIMA_KERNELS"] = "triton" if use_kernels else "torch"
+        try:
+            losses[use_kernels] = [r[0] for r in run_steps(cfg, args, split, steps, 4, device)]
+        finally:
+            os.environ.pop("LIMA_KERNELS", None)
+    ours, ref = losses[True], losses[False]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(ours, ref))
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    tol = 1e-2 if device.type == "cuda" else 1e-4
+    rec.row(f"{steps} train steps ({dtype}), kernels vs PyTorch path: worst loss rel diff", worst, "",
+            f"< {tol:g}", worst < tol and all(map(math.isfinite, ours)),
+            note=f"loss {ours[0]:.4f} -> {ours[-1]:.4f} (PyTorch path {ref[0]:.4f} -> {ref[-1]:.4f})")
+
+
+def part_correctness(rec, device, smoke):
+    import torch
+    calls = count_triton_calls()
+    # the model and the training step first: they show most if the budget runs out
+    dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
+    for dtype in dtypes:
+        guarded(rec, f"model check {dtype}", model_check, rec, device, dtype, smoke, calls)
+    guarded(rec, "training equivalence", training_equivalence, rec, device, smoke)
+    if device.type == "cpu":
+        guarded(rec, "interpreted kernel cases", interpreted_kernel_cases, rec)
+    guarded(rec, "kernel tests (pytest -k cuda; on a CPU all skip)", kernel_tests, rec, smoke)
+
+
+# ---- part 2: kernels ------------------------------------------------------------------------
+
+def part_kernels(rec, device, smoke):
+    import torch
+    from kernels import bench
+    matmul, copy = ceilings(device, smoke)
+    rec.row("ceiling: bf16 matmul (8192^3, random)", matmul / 1e12, "TFLOP/s",
+            note=f"{matmul / PEAK_BF16:.0%} of the 989 TFLOP/s datasheet figure")
+    rec.row("ceiling: device-to-device copy (read + write)", copy / 1e12, "TB/s")
+    if smoke:
+        common = ["--dtype", "float32", "--no-compile", "--cpu_timing", "--head_dims", "16",
+                  "--seqlens", "37", "--tokens", "74", "--model_dim", "32"]
+        main = common + ["--packed_examples", "5", "--packed_max_len", "40", "--packed_head_dim", "16",
+                         "--rms_rows", "5", "--rms_dims", "100", "--backends", "sdpa-math"]
+        tune = common + ["--only", "tune", "--tune_seqlen", "37", "--tune_limit", "1"]
+    else:
+        main = ["--backends", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn"]
+        tune = ["--only", "tune", "--head_dims", "128"]
+    rows = bench.main(main)
+    rec.table("kernels (python -m kernels.bench " + " ".join(main) + ")",
+              bench.HEADER + "\n" + "\n".join(bench.format_row(r) for r in rows))
+    judge_kernels(rec, rows, copy, smoke)
+    tune_rows = guarded(rec, "block-size sweep", bench.main, tune)
+    if tune_rows:
+        rec.table("block-size sweep, head dim 128, S = 2048 (python -m kernels.bench " + " ".join(tune) + ")",
+                  bench.HEADER + "\n" + "\n".join(bench.format_row(r) for r in tune_rows))
+        for kind in ("fwd", "dkdv", "dq"):
+            timed = [r for r in tune_rows if r["op"] == f"tune {kind}" and r["ok"] and "fwd_ms" in r]
+            if timed:
+                key = "fwd_rate" if kind == "fwd" else "bwd_rate"
+                best = max(timed, key=lambda r: r[key])
+                rec.row(f"sweep: best {kind} (BLOCK_M, BLOCK_N, warps, stages)", best["variant"],
+                        note=f"{best[key]:.0f} TFLOP/s ({'forward' if kind == 'fwd' else 'whole backward'})")
+    del torch
+
+
+def judge_kernels(rec, rows, copy, smoke):
+    """The bench's rows against the targets."""
+    def rate(op, variant, shape_has, key):
+        for r in rows:
+            if r["op"] == op and r["variant"] == variant and shape_has in r["shape"] and key in r:
+                return r[key]
+        return None
+
+    bad = [f"{r['op']} {r['shape']} {r['variant']}" for r in rows if r["variant"].startswith("triton") and not r["ok"]]
+    rec.row("kernel bench checks (every Triton variant vs fp32 reference)",
+            f"{sum(1 for r in rows if r['variant'].startswith('triton')) - len(bad)} ok, {len(bad)} failed",
+            target="all ok", met=not bad, note="; ".join(bad)[:300])
+    shape = "S37" if smoke else "S2048 H16 D128"
+    for key, label, target in (("fwd_rate", "forward", TARGETS["attn_fwd"]),
+                               ("bwd_rate", "backward", TARGETS["attn_bwd"])):
+        ours = rate("attention", "triton", shape, key)
+        if ours is None:
+            rec.failure(f"attention {label}, head dim 128, S = 2048", "not measured")
+            continue
+        rec.row(f"attention {label}, head dim 128, S = 2048, causal", ours, "TFLOP/s",
+                f">= {target:.0f}", ours >= target)
+        peers = {r["variant"]: r[key] for r in rows
+                 if r["op"] == "attention" and shape in r["shape"] and r["variant"].startswith("sdpa") and key in r}
+        if peers:
+            best = max(peers, key=peers.get)
+            rec.row(f"attention {label} vs SDPA's fastest ({best})", ours / peers[best], "x",
+                    f">= {TARGETS['vs_sdpa']:.1f}", ours / peers[best] >= TARGETS["vs_sdpa"])
+    packed = [r for r in rows if r["op"] == "packed" and "fwd_ms" in r]
+    ours = next((r for r in packed if r["variant"] == "triton varlen"), None)
+    padded = [r for r in packed if r["variant"].startswith("padded")]
+    if ours and padded:
+        for key, label in (("fwd_ms", "forward"), ("bwd_ms", "backward")):
+            best = min(padded, key=lambda r: r[key])
+            speedup = best[key] / ours[key]
+            rec.row(f"packed {label} vs padded ({best['variant']})", speedup, "x",
+                    f">= {TARGETS['packed_vs_padded']:.0f}", speedup >= TARGETS["packed_vs_padded"])
+    for r in rows:
+        if r["op"] == "rmsnorm" and r["variant"] == "triton" and "fwd_rate" in r:
+            for key, label, target in (("fwd_rate", "forward", TARGETS["rms_fwd"]),
+                                       ("bwd_rate", "backward", TARGETS["rms_bwd"])):
+                share = r[key] * 1e12 / copy
+                rec.row(f"RMSNorm {label} {r['shape']}", r[key], "TB/s", f">= {target:.0%} of copy",
+                        share >= target, note=f"{share:.0%} of the measured copy rate")
+
+
+# ---- part 3: training -----------------------------------------------------------------------
+
+def one_billion(smoke):
+    """~1.2B parameters, LLaMA proportions, head dim 128 (LLaMA 1/2's), 32k vocabulary."""
+    from model import ModelArgs
+    if smoke:
+        return ModelArgs(dim=64, n_layers=2, n_heads=2, vocab_size=256, multiple_of=32, max_seq_len=128)
+    return ModelArgs(dim=2048, n_layers=20, n_heads=16, vocab_size=32001, multiple_of=256, max_seq_len=2048)
+
+
+def part_training(rec, device, smoke):
+    import torch
+    import train
+    from kernels.bench import lima_lengths
+    from train import TrainConfig
+    args = one_billion(smoke)
+    with torch.device("meta"):
+        from model import Transformer
+        n_params = Transformer(args).num_params()
+    batch = 4 if smoke else 32  # LIMA §3: 32 examples per step
+    max_len = args.max_seq_len
+    gen = torch.Generator().manual_seed(0)
+    lengths = lima_lengths(batch * 8, max_len, gen)
+    split = synthetic_split(lengths, args.vocab_size, seed=1)
+    matmul, _ = ceilings(device, smoke)
+    configs = [("packed", dict()),
+               ("packed, activation checkpointing", dict(activation_checkpointing=True)),
+               ("--cpu_offload (+ checkpointing), first steps", dict(cpu_offload=True, activation_checkpointing=True))]
+    for name, options in configs:
+        if options.get("cpu_offload") and device.type != "cuda":
+            rec.row(name, "skipped", note="--cpu_offload needs CUDA (train.py refuses it on CPU)")
+            continue
+        cfg = TrainConfig(model="", resid_dropout=0.3, micro_batch_tokens=64 if smoke else 8192, **options)
+        name += ", " + str(train.compute_dtype(cfg, device)).removeprefix("torch.")
+        guarded(rec, name, train_config_run, rec, name, cfg, args, split, batch, device, n_params, matmul, smoke)
+
+
+def train_config_run(rec, name, cfg, args, split, batch, device, n_params, matmul, smoke):
+    import torch
+    import train
+    offload = cfg.cpu_offload
+    warmup, timed = (1, 1) if offload or smoke else (2, 4)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    plan = train.memory_plan(cfg, args, 1, device, args.max_seq_len)
+    results = run_steps(cfg, args, split, warmup + timed, batch, device)
+    losses = [r[0] for r in results]
+    if not all(map(math.isfinite, losses)):
+        raise RuntimeError(f"non-finite loss {losses}")
+    seconds = sum(r[2] for r in results[warmup:])
+    tokens = sum(r[3] for r in results[warmup:])
+    # train.py's MFU: 6 N per token for the matmuls plus causal attention, 6 * L * dim * len^2
+    # per example (forward + backward); recomputation under checkpointing is not counted
+    lengths = split.lengths
+    attn = 0
+    for step in range(warmup, warmup + timed):
+        batch_ids = [i % len(split) for i in range(step * batch, (step + 1) * batch)]
+        attn += sum(6 * args.n_layers * args.dim * int(lengths[i]) ** 2 for i in batch_ids)
+    flops = 6 * n_params * tokens + attn
+    rate = flops / seconds
+    rec.row(f"train {name}: tokens/s", tokens / seconds, "tok/s",
+            note=f"{n_params / 1e9:.2f}B params, {timed} timed steps of {tokens // timed} tokens, "
+                 f"losses {losses[0]:.3f} .. {losses[-1]:.3f}, grad norm {results[-1][1]:.3f}")
+    if offload:
+        rec.row(f"train {name}: clip + optimizer step ran", "yes", target="runs", met=True,
+                note=f"{seconds / timed:.1f} s per step")
+    else:
+        rec.row(f"train {name}: MFU vs 989 TFLOP/s", rate / PEAK_BF16, "", f">= {TARGETS['mfu']:.0%}",
+                rate / PEAK_BF16 >= TARGETS["mfu"], note=f"{rate / matmul:.0%} of the measured matmul rate")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        rec.row(f"train {name}: peak GPU memory / memory plan", peak / plan["total"], "x",
+                "<= 1.0", peak <= plan["total"],
+                note=f"{peak / 2**30:.1f} GiB measured, {plan['total'] / 2**30:.1f} GiB planned")
+
+
+# ---- part 4: decoding -----------------------------------------------------------------------
+
+def build_decoder(smoke, device):
+    import torch
+    from model import ModelArgs, Transformer, model_args
+    args = (ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=256)
+            if smoke else model_args("7B", vocab_size=32001))
+    dtype = torch.float32 if smoke else torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(args)
+    model.init_weights()
+    return model.to(dtype).eval(), dtype
+
+
+def decode_rate(model, device, new_tokens, compile, repeats):
+    """Batch-1 decode tokens/s = (N - 1) / (time(N new tokens) - time(1)): the prefill and
+    the first token cancel out. Median of `repeats`."""
+    import torch
+    import sample
+    prompt = [[1] + torch.randint(3, model.args.vocab_size - 1, (63,)).tolist()]
+
+    def run(n):
+        return sample.generate(model, prompt, stop_ids=(), max_new_tokens=n, temperature=0.7,
+                               top_p=0.9, repetition_penalty=1.2, compile=compile, keep_cache=compile,
+                               generator=torch.Generator(device).manual_seed(0))
+    first, _ = wall(lambda: run(2), device)  # warm up (and compile)
+    rates = []
+    for _ in range(repeats):
+        t1, _ = wall(lambda: run(1), device)
+        tn, _ = wall(lambda: run(new_tokens), device)
+        rates.append((new_tokens - 1) / (tn - t1))
+    return statistics.median(rates), first
+
+
+def forced_eot(lengths, eot):
+    """Ends answer b after exactly lengths[b] tokens: EOT is banned before that and forced
+    there. Returns f(logits (B, V), step) -> logits, used the same way for both decoders."""
+    import torch
+
+    def force(logits, step):
+        L = torch.as_tensor(lengths, device=logits.device)
+        logits = logits.clone()
+        logits[step < L, eot] = float("-inf")
+        at = step == L
+        logits[at] = float("-inf")
+        logits[at, eot] = 0.0
+        return logits
+    return force
+
+
+def ours_batch(model, prompts, lengths, eot, device):
+    """sample.generate on the whole batch, its sampler wrapped to force each row's length."""
+    import torch
+    import sample
+    force = forced_eot(lengths, eot)
+    real, step = sample.sample_next, [0]
+
+    def sample_next(logits, *args, **kwargs):
+        logits = force(logits, step[0])
+        step[0] += 1
+        return real(logits, *args, **kwargs)
+    sample.sample_next = sample_next
+    try:
+        return sample.generate(model, prompts, stop_ids=(eot,), max_new_tokens=max(lengths) + 1,
+                               temperature=0.7, top_p=0.9, repetition_penalty=1.2, penalize_prompt=True,
+                               generator=torch.Generator(device).manual_seed(0))
+    finally:
+        sample.sample_next = real
+
+
+def theirs_batch(hf, prompts, lengths, eot, device):
+    """transformers' generate, same settings (its penalty covers the prompt: penalize_prompt
+    above), prompts left-padded, the same forced lengths through a logits processor."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+    force = forced_eot(lengths, eot)
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+
+    class Force(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return force(scores, input_ids.shape[1] - T)
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=max(lengths) + 1, do_sample=True,
+                          temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.2,
+                          eos_token_id=eot, pad_token_id=0, logits_processor=LogitsProcessorList([Force()]))
+    return [row[T:].tolist() for row in out]
+
+
+def to_hf(model, dtype, device):
+    """Our weights -> transformers' LlamaForCausalLM through the Hugging Face checkpoint
+    layout (checkpoint.py), in memory-backed /dev/shm when there is one."""
+    import shutil
+    from transformers import LlamaForCausalLM
+    size = sum(p.numel() * dtype.itemsize for p in model.parameters())
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * size else None
+    with tempfile.TemporaryDirectory(dir=base) as tmp:
+        model.save_pretrained(f"{tmp}/hf")
+        hf = LlamaForCausalLM.from_pretrained(f"{tmp}/hf", dtype=dtype)
+    return hf.to(device).eval()
+
+
+def part_decoding(rec, device, smoke):
+    import torch
+    from kernels.bench import lima_lengths
+    _, copy = ceilings(device, smoke)
+    model, dtype = build_decoder(smoke, device)
+    # batch 1: every step reads every weight once, except the embedding table (one row)
+    weight_bytes = (model.num_params() - model.tok_embeddings.weight.numel()) * dtype.itemsize
+    bound = copy / weight_bytes
+    new_tokens, repeats = (8, 1) if smoke else (128, 2)
+
+    def batch1(compile):
+        rate, first = decode_rate(model, device, new_tokens, compile, repeats)
+        label = "--compile" if compile else "eager"
+        rec.row(f"decode batch 1, {label}: tokens/s", rate, "tok/s",
+                f">= {TARGETS['decode_bound']:.0%} of bound", rate / bound >= TARGETS["decode_bound"],
+                note=f"{rate / bound:.0%} of {bound:.0f} tok/s (copy rate / {weight_bytes / 1e9:.1f} GB of "
+                     f"weights); first call {first:.1f} s")
+    guarded(rec, "decode batch 1, eager", batch1, False)
+
+    def versus_transformers():
+        n, max_answer = (8, 24) if smoke else (64, 512)
+        gen = torch.Generator().manual_seed(2)
+        answers = lima_lengths(n, max_answer, gen)
+        prompt_lens = [max(4, int(x)) for x in lima_lengths(n, 64 if smoke else 256, gen)]
+        vocab = model.args.vocab_size
+        eot = vocab - 1
+        prompts = [[1] + torch.randint(3, vocab - 1, (p - 1,), generator=gen).tolist() for p in prompt_lens]
+        hf = to_hf(model, dtype, device)
+        total = sum(answers) + n  # every answer's tokens and its EOT
+        for who, fn in (("transformers generate", lambda: theirs_batch(hf, prompts, answers, eot, device)),
+                        ("sample.generate", lambda: ours_batch(model, prompts, answers, eot, device))):
+            fn_small = (lambda: theirs_batch(hf, prompts[:2], [2, 3], eot, device)) if who.startswith("tr") \
+                else (lambda: ours_batch(model, prompts[:2], [2, 3], eot, device))
+            wall(fn_small, device)  # warm up
+            seconds, out = wall(fn, device)
+            # ours returns each answer without its EOT; theirs keeps it, then pads
+            got = [r.index(eot) if eot in r else len(r) for r in out]
+            if got != answers:
+                raise RuntimeError(f"{who}: answer lengths {got[:8]}... not the forced {answers[:8]}...")
+            times[who] = seconds
+            rec.row(f"{n} prompts, LIMA-like answers (max {max_answer}): {who}", total / seconds, "tok/s",
+                    note=f"{seconds:.1f} s for {total} tokens, prompts {min(prompt_lens)}-{max(prompt_lens)} tokens")
+        del hf
+        speedup = times["transformers generate"] / times["sample.generate"]
+        rec.row(f"{n} prompts: sample.generate vs transformers generate", speedup, "x",
+                f">= {TARGETS['vs_hf']:.0f}", speedup >= TARGETS["vs_hf"])
+    times = {}
+    guarded(rec, "batch vs transformers", versus_transformers)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    guarded(rec, "decode batch 1, --compile", batch1, True)
+
+
+# ---- the driver -----------------------------------------------------------------------------
+
+PARTS = {"correctness": part_correctness, "kernels": part_kernels, "training": part_training,
+         "decoding": part_decoding}
+
+
+def run_part(name, out, smoke):
+    """In the child process: one part, its rows appended as they come."""
+    import torch
+    rec = Recorder(out, name, smoke)
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    if name in ("correctness", "training"):
+        import train  # a process group of one, as `python train.py` makes (FSDP2 needs one)
+        device, _, _ = train.setup_distributed(device.type)
+    print(f"{name} on {device}: torch {torch.__version__}", flush=True)
+    try:
+        PARTS[name](rec, device, smoke)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run_child(name, out, smoke, budget):
+    """Start a part in its own process group, stream its output to <part>.log and ours, kill
+    it at its budget. Returns (seconds, exit status or 'timeout')."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LIMA_KERNELS")}
+    env["PYTHONUNBUFFERED"] = "1"
+    if smoke:
+        env["TRITON_INTERPRET"] = "1"  # the real kernels, on CPU tensors
+        env.setdefault("OMP_NUM_THREADS", "2")
+    if name == "correctness":
+        env["LIMA_KERNELS_POISON"] = "1"  # every kernel output NaN-filled before its launch
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--out", out] + (["--smoke"] if smoke else [])
+    t0 = time.perf_counter()
+    with open(os.path.join(out, f"{name}.log"), "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        timed_out = threading.Event()
+
+        def kill():
+            timed_out.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+        timer = threading.Timer(budget, kill)
+        timer.start()
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            print(f"[{name}] {line}", end="", flush=True)
+        proc.wait()
+        timer.cancel()
+    status = "timeout" if timed_out.is_set() else proc.returncode
+    return time.perf_counter() - t0, status
+
+
+def environment():
+    import torch
+    info = dict(date=str(datetime.date.today()), torch=torch.__version__, python=platform.python_version(),
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})")
+    for pkg in ("triton", "transformers"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except ImportError:
+            info[pkg] = "not installed"
+    return info
+
+
+def summarise(out, parts, statuses, command, smoke):
+    rows, tables = [], []
+    for name in parts:
+        path = os.path.join(out, f"{name}.rows.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    r = json.loads(line)
+                    (tables if "table" in r else rows).append(r)
+            os.remove(path)
+        seconds, status = statuses[name]
+        ok = status == 0
+        rows.append(dict(part=name, name="part finished within its budget", value=f"{seconds:.0f} s",
+                         unit="", target=f"<= {(SMOKE_BUDGETS if smoke else BUDGETS)[name]} s, exit 0",
+                         met=ok, note="" if ok else f"exit status: {status}"))
+    info = environment()
+    head = (f"# GPU check: {info['device']}, {info['date']}\n\n"
+            f"torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}, "
+            f"Python {info['python']}{' (SMOKE RUN on a CPU: the numbers mean nothing)' if smoke else ''}\n\n"
+            f"command: `{command}`\n")
+
+    def fmt(r):
+        value = f"{r['value']:.4g}" if isinstance(r["value"], float) else str(r["value"])
+        met = {True: "yes", False: "**NO**", None: ""}[r["met"]]
+        return f"| {r['part']} | {r['name']} | {value} {r['unit']} | {r['target'] or ''} | {met} | {r['note']} |"
+    summary = ("| part | check | measured | target | met | note |\n|---|---|---|---|---|---|\n"
+               + "\n".join(fmt(r) for r in rows))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(head + "\n## Summary\n\n" + summary + "\n")
+        for t in tables:
+            f.write(f"\n## {t['part']}: {t['table']}\n\n{t['text']}\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(dict(environment=info, command=command, rows=rows, tables=tables), f, indent=1)
+    print("\n" + head + "\n" + summary)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="directory for the logs and result tables")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on a CPU (the interpreter): proves the script runs")
+    p.add_argument("--part", help=argparse.SUPPRESS)  # the child process of one part
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    if a.part:
+        return run_part(a.part, a.out, a.smoke)
+    parts = [x for x in a.parts.split(",") if x]
+    unknown = [x for x in parts if x not in PARTS]
+    if unknown:
+        raise SystemExit(f"--parts: unknown {unknown}; choose from {','.join(PARTS)}")
+    import torch
+    if not a.smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: run this on the GPU machine, or add --smoke for the CPU dry run")
+    budgets = SMOKE_BUDGETS if a.smoke else BUDGETS
+    total = sum(budgets[x] for x in parts)
+    print(f"GPU check: {', '.join(f'{x} {budgets[x]} s' for x in parts)}: at most {total} s "
+          f"({total / 60:.1f} min){' of CPU (smoke)' if a.smoke else ' of GPU time'}", flush=True)
+    command = "python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    statuses = {}
+    for name in parts:
+        statuses[name] = run_child(name, a.out, a.smoke, budgets[name])
+    rows = summarise(a.out, parts, statuses, command, a.smoke)
+    return 0 if all(r["met"] is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
