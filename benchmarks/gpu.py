@@ -87,8 +87,13 @@ class Recorder:
         return self.row(name, "error", target="runs", met=False, note=error)
 
 
+SELECTED = None  # --checks: substrings of the check names to run (None: every check)
+
+
 def guarded(rec, name, fn, *args, **kwargs):
     """Run one check; an exception becomes a failed row and the part goes on."""
+    if SELECTED is not None and not any(key in name for key in SELECTED):
+        return None
     t = time.perf_counter()
     print(f"-- {name}", flush=True)
     try:
@@ -250,7 +255,7 @@ def synthetic_split(lengths, vocab_size, seed):
     return Split(tokens=tokens, mask=mask, offsets=offsets)
 
 
-def run_steps(cfg, args, split, steps, batch_size, device, timed_from=None):
+def run_steps(cfg, args, split, steps, batch_size, device, before_step=None):
     """train.py's path: build_model (FSDP2, mixed precision), make_optimizer, then train_step
     on its packed micro-batches. Returns per-step (loss, grad_norm, seconds, tokens)."""
     import torch
@@ -266,6 +271,8 @@ def run_steps(cfg, args, split, steps, batch_size, device, timed_from=None):
         batch = [i % len(split) for i in batch]
         for group in optimizer.param_groups:
             group["lr"] = train.lr_at(step, total_steps, cfg)
+        if before_step is not None:
+            before_step(step)
         sync(device)
         t = time.perf_counter()
         plan = train.plan_microbatches(batch, split.lengths, 1, cfg.micro_batch_tokens)
@@ -321,7 +328,9 @@ def part_correctness(rec, device, smoke):
 # ---- part 2: kernels ------------------------------------------------------------------------
 
 def part_kernels(rec, device, smoke):
-    import torch
+    """Tune on the machine, then measure: the block-size sweeps pick each pass's blocks (set
+    here, in this process, and reported so they can be written into the kernels), then the
+    tables are measured with them."""
     from kernels import bench
     matmul, copy = ceilings(device, smoke)
     rec.row("ceiling: bf16 matmul (8192^3, random)", matmul / 1e12, "TFLOP/s",
@@ -329,29 +338,44 @@ def part_kernels(rec, device, smoke):
     rec.row("ceiling: device-to-device copy (read + write)", copy / 1e12, "TB/s")
     if smoke:
         common = ["--dtype", "float32", "--no-compile", "--cpu_timing", "--head_dims", "16",
-                  "--seqlens", "37", "--tokens", "74", "--model_dim", "32"]
+                  "--seqlens", "37", "--tokens", "74", "--model_dim", "32", "--rms_rows", "5",
+                  "--rms_dims", "100"]
         main = common + ["--packed_examples", "5", "--packed_max_len", "40", "--packed_head_dim", "16",
-                         "--rms_rows", "5", "--rms_dims", "100", "--backends", "sdpa-math"]
-        tune = common + ["--only", "tune", "--tune_seqlen", "37", "--tune_limit", "1"]
+                         "--backends", "sdpa-math"]
+        sweeps = [common + ["--only", "tune", "--tune_seqlen", "37", "--tune_limit", "1"],
+                  common + ["--only", "tune_rmsnorm", "--tune_limit", "1"]]
     else:
-        main = ["--backends", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn"]
-        tune = ["--only", "tune", "--head_dims", "128"]
-    rows = bench.main(main)
-    rec.table("kernels (python -m kernels.bench " + " ".join(main) + ")",
+        main = ["--backends", "sdpa-flash", "sdpa-cudnn"]
+        sweeps = [["--only", "tune", "--head_dims", "64", "128"], ["--only", "tune_rmsnorm"]]
+    for argv in sweeps:
+        guarded(rec, "sweep " + argv[argv.index("--only") + 1], sweep, rec, bench, argv)
+    rows = guarded(rec, "kernel tables", bench.main, main)
+    if rows:
+        rec.table("kernels, with the blocks the sweeps chose (python -m kernels.bench " + " ".join(main) + ")",
+                  bench.HEADER + "\n" + "\n".join(bench.format_row(r) for r in rows))
+        judge_kernels(rec, rows, copy, smoke)
+
+
+def sweep(rec, bench, argv):
+    """One sweep; each pass's fastest candidate is reported and put in place for what follows."""
+    import importlib
+    attention = importlib.import_module("kernels.attention")  # the module, not kernels.attention()
+    rmsnorm = importlib.import_module("kernels.rmsnorm")
+    rows = bench.main(argv)
+    rec.table("sweep (python -m kernels.bench " + " ".join(argv) + ")",
               bench.HEADER + "\n" + "\n".join(bench.format_row(r) for r in rows))
-    judge_kernels(rec, rows, copy, smoke)
-    tune_rows = guarded(rec, "block-size sweep", bench.main, tune)
-    if tune_rows:
-        rec.table("block-size sweep, head dim 128, S = 2048 (python -m kernels.bench " + " ".join(tune) + ")",
-                  bench.HEADER + "\n" + "\n".join(bench.format_row(r) for r in tune_rows))
-        for kind in ("fwd", "dkdv", "dq"):
-            timed = [r for r in tune_rows if r["op"] == f"tune {kind}" and r["ok"] and "fwd_ms" in r]
-            if timed:
-                key = "fwd_rate" if kind == "fwd" else "bwd_rate"
-                best = max(timed, key=lambda r: r[key])
-                rec.row(f"sweep: best {kind} (BLOCK_M, BLOCK_N, warps, stages)", best["variant"],
-                        note=f"{best[key]:.0f} TFLOP/s ({'forward' if kind == 'fwd' else 'whole backward'})")
-    del torch
+    for (op, shape), (config, rate) in sorted(bench.best_configs(rows).items()):
+        kind = op.split()[-1]
+        if op.startswith("tune rmsnorm"):
+            N = int(shape.split("N")[-1])
+            rmsnorm.TUNE[kind, bench.triton_next_power_of_2(N)] = config
+            unit = "TB/s"
+        else:
+            D = int(shape.split("D")[-1])
+            attention._CONFIGS[max(D, 64)] = {**attention._CONFIGS[max(D, 64)], kind: config}
+            unit = "TFLOP/s"
+        rec.row(f"{op}, {shape}: fastest", str(config), note=f"{rate:.1f} {unit} "
+                f"({'forward' if kind == 'fwd' else 'whole backward'})")
 
 
 def judge_kernels(rec, rows, copy, smoke):
@@ -410,37 +434,87 @@ def one_billion(smoke):
 
 
 def part_training(rec, device, smoke):
+    """Fine-tuning as a user runs it: a base checkpoint on disk (made here once, random
+    weights, bf16 as LLaMA ships), loaded by train.py's build_model, trained by train_step."""
     import torch
-    import train
     from kernels.bench import lima_lengths
+    from model import Transformer
     from train import TrainConfig
     args = one_billion(smoke)
     with torch.device("meta"):
-        from model import Transformer
         n_params = Transformer(args).num_params()
     batch = 4 if smoke else 32  # LIMA §3: 32 examples per step
-    max_len = args.max_seq_len
     gen = torch.Generator().manual_seed(0)
-    lengths = lima_lengths(batch * 8, max_len, gen)
+    lengths = lima_lengths(batch * 8, args.max_seq_len, gen)
     split = synthetic_split(lengths, args.vocab_size, seed=1)
     matmul, _ = ceilings(device, smoke)
+    budget = 64 if smoke else 8192
     configs = [("packed", dict()),
+               ("packed, micro-batches of 4x the tokens", dict(micro_batch_tokens=4 * budget)),
                ("packed, activation checkpointing", dict(activation_checkpointing=True)),
                ("--cpu_offload (+ checkpointing), first steps", dict(cpu_offload=True, activation_checkpointing=True))]
-    for name, options in configs:
-        if options.get("cpu_offload") and device.type != "cuda":
-            rec.row(name, "skipped", note="--cpu_offload needs CUDA (train.py refuses it on CPU)")
-            continue
-        cfg = TrainConfig(model="", resid_dropout=0.3, micro_batch_tokens=64 if smoke else 8192, **options)
-        name += ", " + str(train.compute_dtype(cfg, device)).removeprefix("torch.")
-        guarded(rec, name, train_config_run, rec, name, cfg, args, split, batch, device, n_params, matmul, smoke)
+    with tempfile.TemporaryDirectory(dir=shm_or_tmp(2 * n_params)) as tmp:
+        base = os.path.join(tmp, "base")
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Transformer(args)
+        model.init_weights()
+        model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).save_pretrained(base)
+        del model
+        for name, options in configs:
+            if options.get("cpu_offload") and device.type != "cuda":
+                rec.row(name, "skipped", note="--cpu_offload needs CUDA (train.py refuses it on CPU)")
+                continue
+            cfg = TrainConfig(init_from=base, resid_dropout=0.3, micro_batch_tokens=budget)
+            cfg = TrainConfig(**{**cfg.__dict__, **options})
+            name = "train " + name + ", " + str(compute_dtype_name(cfg, device))
+            guarded(rec, name, train_config_run, rec, name, cfg, args, split, batch, device, n_params, matmul)
+        cfg = TrainConfig(init_from=base, resid_dropout=0.3, micro_batch_tokens=budget)
+        guarded(rec, "train profile of one step", profile_step, rec, cfg, args, split, batch, device)
 
 
-def train_config_run(rec, name, cfg, args, split, batch, device, n_params, matmul, smoke):
+def compute_dtype_name(cfg, device):
+    import train
+    return str(train.compute_dtype(cfg, device)).removeprefix("torch.")
+
+
+def shm_or_tmp(size):
+    """Memory-backed /dev/shm for a temporary checkpoint when it has room, else the temp dir."""
+    import shutil
+    ok = os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * size
+    return "/dev/shm" if ok else None
+
+
+def profile_step(rec, cfg, args, split, batch, device):
+    """torch.profiler over one step after a warm-up one: where the time goes, GPU and CPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    state = {}
+
+    def around(step):
+        if step == 1:
+            state["prof"] = profile(activities=activities)
+            state["prof"].__enter__()
+    results = run_steps(cfg, args, split, 2, batch, device, before_step=around)
+    prof = state["prof"]
+    prof.__exit__(None, None, None)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25)
+    print(table, flush=True)
+    rec.table(f"profile of one training step ({results[1][2]:.2f} s, {results[1][3]} tokens), "
+              f"sorted by {key}", "```\n" + table + "\n```")
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu = sum(e.device_time for e in kernels) / 1e6  # us -> s
+    rec.row("train profile: GPU busy / step time", gpu / results[1][2], "",
+            note=f"kernels {gpu:.3f} s of a {results[1][2]:.3f} s step (the rest: the GPU waits on Python)")
+
+
+def train_config_run(rec, name, cfg, args, split, batch, device, n_params, matmul):
     import torch
     import train
     offload = cfg.cpu_offload
-    warmup, timed = (1, 1) if offload or smoke else (2, 4)
+    warmup, timed = (1, 1) if offload or device.type != "cuda" else (2, 4)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -460,18 +534,18 @@ def train_config_run(rec, name, cfg, args, split, batch, device, n_params, matmu
         attn += sum(6 * args.n_layers * args.dim * int(lengths[i]) ** 2 for i in batch_ids)
     flops = 6 * n_params * tokens + attn
     rate = flops / seconds
-    rec.row(f"train {name}: tokens/s", tokens / seconds, "tok/s",
+    rec.row(f"{name}: tokens/s", tokens / seconds, "tok/s",
             note=f"{n_params / 1e9:.2f}B params, {timed} timed steps of {tokens // timed} tokens, "
                  f"losses {losses[0]:.3f} .. {losses[-1]:.3f}, grad norm {results[-1][1]:.3f}")
     if offload:
-        rec.row(f"train {name}: clip + optimizer step ran", "yes", target="runs", met=True,
+        rec.row(f"{name}: clip + optimizer step ran", "yes", target="runs", met=True,
                 note=f"{seconds / timed:.1f} s per step")
     else:
-        rec.row(f"train {name}: MFU vs 989 TFLOP/s", rate / PEAK_BF16, "", f">= {TARGETS['mfu']:.0%}",
+        rec.row(f"{name}: MFU vs 989 TFLOP/s", rate / PEAK_BF16, "", f">= {TARGETS['mfu']:.0%}",
                 rate / PEAK_BF16 >= TARGETS["mfu"], note=f"{rate / matmul:.0%} of the measured matmul rate")
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-        rec.row(f"train {name}: peak GPU memory / memory plan", peak / plan["total"], "x",
+        rec.row(f"{name}: peak GPU memory / memory plan", peak / plan["total"], "x",
                 "<= 1.0", peak <= plan["total"],
                 note=f"{peak / 2**30:.1f} GiB measured, {plan['total'] / 2**30:.1f} GiB planned")
 
@@ -570,11 +644,8 @@ def theirs_batch(hf, prompts, lengths, eot, device):
 def to_hf(model, dtype, device):
     """Our weights -> transformers' LlamaForCausalLM through the Hugging Face checkpoint
     layout (checkpoint.py), in memory-backed /dev/shm when there is one."""
-    import shutil
     from transformers import LlamaForCausalLM
-    size = sum(p.numel() * dtype.itemsize for p in model.parameters())
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * size else None
-    with tempfile.TemporaryDirectory(dir=base) as tmp:
+    with tempfile.TemporaryDirectory(dir=shm_or_tmp(model.num_params() * dtype.itemsize)) as tmp:
         model.save_pretrained(f"{tmp}/hf")
         hf = LlamaForCausalLM.from_pretrained(f"{tmp}/hf", dtype=dtype)
     return hf.to(device).eval()
@@ -639,9 +710,11 @@ PARTS = {"correctness": part_correctness, "kernels": part_kernels, "training": p
          "decoding": part_decoding}
 
 
-def run_part(name, out, smoke):
+def run_part(name, out, smoke, checks):
     """In the child process: one part, its rows appended as they come."""
     import torch
+    global SELECTED
+    SELECTED = checks.split(",") if checks else None
     rec = Recorder(out, name, smoke)
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     if name in ("correctness", "training"):
@@ -655,7 +728,7 @@ def run_part(name, out, smoke):
             torch.distributed.destroy_process_group()
 
 
-def run_child(name, out, smoke, budget):
+def run_child(name, out, smoke, budget, checks):
     """Start a part in its own process group, stream its output to <part>.log and ours, kill
     it at its budget. Returns (seconds, exit status or 'timeout')."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LIMA_KERNELS")}
@@ -666,6 +739,7 @@ def run_child(name, out, smoke, budget):
     if name == "correctness":
         env["LIMA_KERNELS_POISON"] = "1"  # every kernel output NaN-filled before its launch
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--out", out] + (["--smoke"] if smoke else [])
+    cmd += ["--checks", checks] if checks else []
     t0 = time.perf_counter()
     with open(os.path.join(out, f"{name}.log"), "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -699,7 +773,7 @@ def environment():
     return info
 
 
-def summarise(out, parts, statuses, command, smoke):
+def summarise(out, parts, statuses, command, budgets):
     rows, tables = [], []
     for name in parts:
         path = os.path.join(out, f"{name}.rows.jsonl")
@@ -712,9 +786,10 @@ def summarise(out, parts, statuses, command, smoke):
         seconds, status = statuses[name]
         ok = status == 0
         rows.append(dict(part=name, name="part finished within its budget", value=f"{seconds:.0f} s",
-                         unit="", target=f"<= {(SMOKE_BUDGETS if smoke else BUDGETS)[name]} s, exit 0",
+                         unit="", target=f"<= {budgets[name]} s, exit 0",
                          met=ok, note="" if ok else f"exit status: {status}"))
     info = environment()
+    smoke = "--smoke" in command
     head = (f"# GPU check: {info['device']}, {info['date']}\n\n"
             f"torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}, "
             f"Python {info['python']}{' (SMOKE RUN on a CPU: the numbers mean nothing)' if smoke else ''}\n\n"
@@ -741,11 +816,15 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="directory for the logs and result tables")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on a CPU (the interpreter): proves the script runs")
+    p.add_argument("--checks", default="", help="comma-separated substrings of check names: run only "
+                   "those checks (a rerun of what failed), e.g. 'kernel tests,--cpu_offload,--compile'")
+    p.add_argument("--budget", action="append", default=[], metavar="PART=SECONDS",
+                   help="another time budget for a part (reruns of a few checks)")
     p.add_argument("--part", help=argparse.SUPPRESS)  # the child process of one part
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     if a.part:
-        return run_part(a.part, a.out, a.smoke)
+        return run_part(a.part, a.out, a.smoke, a.checks)
     parts = [x for x in a.parts.split(",") if x]
     unknown = [x for x in parts if x not in PARTS]
     if unknown:
@@ -753,15 +832,20 @@ def main(argv=None):
     import torch
     if not a.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run this on the GPU machine, or add --smoke for the CPU dry run")
-    budgets = SMOKE_BUDGETS if a.smoke else BUDGETS
+    budgets = dict(SMOKE_BUDGETS if a.smoke else BUDGETS)
+    for item in a.budget:
+        part, _, seconds = item.partition("=")
+        if part not in PARTS or not seconds.isdigit():
+            raise SystemExit(f"--budget {item}: expected PART=SECONDS with PART one of {','.join(PARTS)}")
+        budgets[part] = int(seconds)
     total = sum(budgets[x] for x in parts)
     print(f"GPU check: {', '.join(f'{x} {budgets[x]} s' for x in parts)}: at most {total} s "
           f"({total / 60:.1f} min){' of CPU (smoke)' if a.smoke else ' of GPU time'}", flush=True)
     command = "python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
     statuses = {}
     for name in parts:
-        statuses[name] = run_child(name, a.out, a.smoke, budgets[name])
-    rows = summarise(a.out, parts, statuses, command, a.smoke)
+        statuses[name] = run_child(name, a.out, a.smoke, budgets[name], a.checks)
+    rows = summarise(a.out, parts, statuses, command, budgets)
     return 0 if all(r["met"] is not False for r in rows) else 1
 
 

@@ -314,14 +314,15 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_START,
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass and head dim (smaller head dims use 64's).
-# GPU values: the Triton tutorial's and FA2's choices for H100, kept where ptxas reports no
-# register spills for sm_90 (kernels/NOTES.md); not yet tuned on a GPU. fp32 tiles are twice as
-# big: one pipeline stage less. The interpreter: small unequal blocks, so that the tiny test
-# shapes cross many block and example boundaries.
+# Head dim 128: the fastest of a block-size sweep on an H200 (benchmarks/gpu_h200.md); 64: the
+# Triton tutorial's and FA2's choices for H100, kept where ptxas reports no register spills
+# for sm_90 (kernels/NOTES.md). fp32 tiles are twice as big: one pipeline stage less. The
+# interpreter: small unequal blocks, so that the tiny test shapes cross many block and example
+# boundaries.
 _CONFIGS = {
     #       fwd (rows, keys)       dk/dv (rows, keys)     dq (rows, keys)
     64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
-    128: dict(fwd=(128, 64, 8, 3), dkdv=(64, 64, 8, 2), dq=(64, 32, 4, 3)),
+    128: dict(fwd=(64, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(64, 32, 4, 3)),
 }
 _INTERPRET_CONFIGS = dict(fwd=(32, 16, 1, 1), dkdv=(16, 32, 1, 1), dq=(32, 16, 1, 1))
 

@@ -32,8 +32,9 @@ from kernels.rmsnorm import rms_norm_reference, rms_norm_triton
 
 @dataclass
 class BenchConfig:
-    only: str = field(default="all", metadata={"help": "attention | packed | rmsnorm | all | tune "
-                                                       "(tune: time block-size candidates at --tune_seqlen)"})
+    only: str = field(default="all", metadata={"help": "attention | packed | rmsnorm | all | tune | tune_rmsnorm "
+                                                       "(tune: attention block-size candidates at --tune_seqlen; "
+                                                       "tune_rmsnorm: tile candidates at --rms_dims)"})
     dtype: str = field(default="bfloat16", metadata={"help": "bfloat16 | float16 | float32"})
     seqlens: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])
     head_dims: list[int] = field(default_factory=lambda: [64, 128])
@@ -204,28 +205,41 @@ def bench_packed(cfg, rows, device, dtype, gen):
           f"the useful attention FLOPs; rates above count the useful ones only)")
 
 
+def rmsnorm_inputs(cfg, N, device, dtype, gen):
+    x, dy = (torch.randn(cfg.rms_rows, N, generator=gen).to(device, dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(N, generator=gen)).to(device, dtype)
+    reference = reference_fwd_bwd(lambda x, w: rms_norm_reference(x, w, 1e-6), [x, w], dy)
+    size = dtype.itemsize
+    fwd_bytes = 2 * x.numel() * size + N * size  # x, w in; y out
+    bwd_bytes = 3 * x.numel() * size + 2 * N * size  # dy, x, w in; dx, dw out
+    return x, w, dy, reference, (fwd_bytes, bwd_bytes)
+
+
 def bench_rmsnorm(cfg, rows, device, dtype, gen):
-    variants = [("triton", rms_norm_triton), ("eager", rms_norm_reference)]
-    if cfg.compile:
-        variants.append(("torch.compile", torch.compile(rms_norm_reference)))
     for N in cfg.rms_dims:
-        M, size = cfg.rms_rows, dtype.itemsize
-        x, dy = (torch.randn(M, N, generator=gen).to(device, dtype) for _ in range(2))
-        w = (1 + 0.1 * torch.randn(N, generator=gen)).to(device, dtype)
-        reference = reference_fwd_bwd(lambda x, w: rms_norm_reference(x, w, 1e-6), [x, w], dy)
-        fwd_bytes = 2 * M * N * size + N * size  # x, w in; y out
-        bwd_bytes = 3 * M * N * size + 2 * N * size  # dy, x, w in; dx, dw out
-        run_variants(cfg, rows, "rmsnorm", f"M{M} N{N}",
+        variants = [("triton", rms_norm_triton), ("eager", rms_norm_reference)]
+        if cfg.compile:  # a fresh static-shape compile per width (its backward cannot be re-run
+            # with retain_graph once a recompile made it dynamic)
+            variants.append(("torch.compile", torch.compile(rms_norm_reference, dynamic=False)))
+        x, w, dy, reference, work = rmsnorm_inputs(cfg, N, device, dtype, gen)
+        run_variants(cfg, rows, "rmsnorm", f"M{cfg.rms_rows} N{N}",
                      [(name, lambda x, w, fn=fn: fn(x, w, 1e-6), [x, w], dy, None) for name, fn in variants],
-                     reference, (fwd_bytes, bwd_bytes), "TB/s")
+                     reference, work, "TB/s")
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for each pass of the attention kernels
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for each pass of the attention kernels,
+# around the best of a first sweep on an H200 (benchmarks/gpu_h200.md)
 TUNE_CANDIDATES = dict(
-    fwd=[(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-    dkdv=[(32, 128, 8, 3), (64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (16, 128, 8, 3)],
-    dq=[(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+    fwd=[(64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3),
+         (128, 128, 8, 2), (64, 128, 8, 3), (128, 64, 8, 4)],
+    dkdv=[(32, 64, 4, 3), (32, 64, 4, 2), (32, 64, 4, 4), (32, 128, 4, 3), (32, 32, 4, 3),
+          (64, 64, 4, 3), (32, 128, 8, 3), (16, 64, 4, 3)],
+    dq=[(64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 3), (64, 16, 4, 3), (128, 32, 8, 2),
+        (64, 64, 4, 2)],
 )
+# (rows per tile, warps) candidates for the RMSNorm kernels
+TUNE_RMSNORM = dict(fwd=[(1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 16)],
+                    bwd=[(1, 8), (1, 16), (2, 8), (2, 16), (4, 16), (4, 32), (8, 32)])
 
 
 def bench_tune(cfg, rows, device, dtype, gen):
@@ -247,6 +261,45 @@ def bench_tune(cfg, rows, device, dtype, gen):
                              [(str(candidate), attention_triton, [q, k, v], do, None)],
                              reference, (fwd_flops, 2.5 * fwd_flops), "TFLOP/s")
         attention_module._CONFIGS[key] = default
+
+
+def bench_tune_rmsnorm(cfg, rows, device, dtype, gen):
+    # each (rows per tile, warps) candidate of each pass, checked then timed (forward and
+    # backward both, whichever was varied); TUNE in kernels/rmsnorm.py takes the fastest
+    rmsnorm_module = importlib.import_module("kernels.rmsnorm")
+    for N in cfg.rms_dims:
+        x, w, dy, reference, work = rmsnorm_inputs(cfg, N, device, dtype, gen)
+        block = triton_next_power_of_2(N)
+        for kind, candidates in TUNE_RMSNORM.items():
+            for candidate in candidates[:cfg.tune_limit or None]:
+                saved = dict(rmsnorm_module.TUNE)
+                rmsnorm_module.TUNE[kind, block] = candidate
+                try:
+                    run_variants(cfg, rows, f"tune rmsnorm {kind}", f"M{cfg.rms_rows} N{N}",
+                                 [(str(candidate), lambda x, w: rms_norm_triton(x, w, 1e-6), [x, w], dy, None)],
+                                 reference, work, "TB/s")
+                finally:
+                    rmsnorm_module.TUNE.clear()
+                    rmsnorm_module.TUNE.update(saved)
+
+
+def triton_next_power_of_2(n):
+    return 1 << (n - 1).bit_length()
+
+
+def best_configs(rows):
+    """The fastest checked candidate of each swept pass: {(op, shape): (variant tuple, rate)};
+    the forward pass is judged by its forward rate, every other by the backward's."""
+    import ast
+    best = {}
+    for r in rows:
+        if not r["op"].startswith("tune") or not r["ok"] or "fwd_ms" not in r:
+            continue
+        rate = r["fwd_rate"] if r["op"].endswith("fwd") else r["bwd_rate"]
+        key = (r["op"], r["shape"])
+        if key not in best or rate > best[key][1]:
+            best[key] = (ast.literal_eval(r["variant"]), rate)
+    return best
 
 
 def format_row(r):
@@ -280,9 +333,10 @@ def main(argv=None):
     print(title)
     print(HEADER)
     rows = []
-    benches = dict(attention=bench_attention, packed=bench_packed, rmsnorm=bench_rmsnorm, tune=bench_tune)
+    benches = dict(attention=bench_attention, packed=bench_packed, rmsnorm=bench_rmsnorm, tune=bench_tune,
+                   tune_rmsnorm=bench_tune_rmsnorm)
     for what, bench in benches.items():
-        if cfg.only == what or (cfg.only == "all" and what != "tune"):
+        if cfg.only == what or (cfg.only == "all" and not what.startswith("tune")):
             bench(cfg, rows, device, dtype, gen)
     if cfg.out:
         with open(cfg.out, "w") as f:

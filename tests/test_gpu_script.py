@@ -38,9 +38,10 @@ def test_smoke_runs_every_part(tmp_path):
         assert (part, "part finished within its budget") in names
     expected = ["model packed fwd+bwd, float32", "3 train steps (fp32)", "kernel tests, CUDA cases",
                 "ceiling: bf16 matmul", "attention forward, head dim 128", "attention backward vs SDPA",
-                "packed forward vs padded", "RMSNorm backward", "sweep: best dq",
+                "packed forward vs padded", "RMSNorm backward", "tune dq, B", "tune rmsnorm bwd, M",
                 "train packed, float32: MFU", "train packed, activation checkpointing, float32: tokens/s",
-                "--cpu_offload", "decode batch 1, eager", "decode batch 1, --compile",
+                "train packed, micro-batches of 4x", "train profile", "--cpu_offload",
+                "decode batch 1, eager", "decode batch 1, --compile",
                 "8 prompts: sample.generate vs transformers generate"]
     for prefix in expected:
         assert any(name.startswith(prefix) for _, name in names), prefix
@@ -48,7 +49,7 @@ def test_smoke_runs_every_part(tmp_path):
     assert all(r["met"] is None for r in rows if r["name"] != "part finished within its budget")
     md = (out / "results.md").read_text()
     assert "SMOKE RUN" in md and "command: `python benchmarks/gpu.py --smoke" in md
-    assert "| triton |" in md  # the kernel bench's own table is kept
+    assert "| triton |" in md and "| tune fwd |" in md  # the kernel bench's own tables are kept
     assert proc.stdout.rstrip().endswith(md.split("## Summary\n\n")[1].split("\n\n## ")[0].rstrip())
 
 
@@ -67,3 +68,18 @@ def test_a_part_past_its_budget_is_reported_and_the_next_still_runs(tmp_path, mo
 def test_unknown_part_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown"):
         gpu.main(["--smoke", "--parts", "kernel", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="PART=SECONDS"):
+        gpu.main(["--smoke", "--budget", "kernels:30", "--out", str(tmp_path)])
+
+
+def test_a_rerun_of_some_checks(tmp_path, monkeypatch):
+    # what a second GPU call does: only the checks that need it, with budgets of its own
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    status = gpu.main(["--smoke", "--parts", "training", "--checks", "activation checkpointing",
+                       "--budget", "training=100", "--out", str(tmp_path)])
+    assert status == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert any("activation checkpointing" in n for n in names)
+    assert not any("micro-batches" in n or "profile" in n for n in names)
+    assert "<= 100 s" in rows[-1]["target"]

@@ -45,6 +45,11 @@ RMS_NORM_CASES = {
     "dim16384": dict(shape=(3, 16384)),
     "strided": dict(shape=(6, 48), strided=True),  # x: a slice of a wider tensor
 }
+# GPU only: enough rows that each backward program walks several tiles, with a ragged last one
+CUDA_RMS_NORM_CASES = {
+    "rows4133_dim4096": dict(shape=(4133, 4096)),
+    "rows1000_dim8192": dict(shape=(1000, 8192)),
+}
 # the bench's own correctness path, on shapes the interpreter runs in a second
 TINY_BENCH = ["--check_only", "--no-compile", "--dtype", "float32", "--seqlens", "37",
               "--head_dims", "16", "--tokens", "74", "--model_dim", "32", "--packed_examples", "5",
@@ -240,10 +245,11 @@ def test_attention_cuda(name, dtype, tol, monkeypatch):
 
 @cuda
 @DTYPES
-@pytest.mark.parametrize("name", RMS_NORM_CASES)
+@pytest.mark.parametrize("name", [*RMS_NORM_CASES, *CUDA_RMS_NORM_CASES])
 def test_rms_norm_cuda(name, dtype, tol, monkeypatch):
     monkeypatch.setenv("LIMA_KERNELS_POISON", "1")
-    assert_close(rms_norm_errors(**RMS_NORM_CASES[name], device="cuda", dtype=dtype), tol)
+    case = RMS_NORM_CASES.get(name) or CUDA_RMS_NORM_CASES[name]
+    assert_close(rms_norm_errors(**case, device="cuda", dtype=dtype), tol)
 
 
 if __name__ == "__main__":  # the child process of the `interpreted` fixture
