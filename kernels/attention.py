@@ -313,25 +313,26 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_START,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass and head dim (smaller head dims use 64's).
-# Head dim 128: the fastest of a block-size sweep on an H200 (benchmarks/gpu_h200.md); 64: the
-# Triton tutorial's and FA2's choices for H100, kept where ptxas reports no register spills
-# for sm_90 (kernels/NOTES.md). fp32 tiles are twice as big: one pipeline stage less. The
-# interpreter: small unequal blocks, so that the tiny test shapes cross many block and example
-# boundaries.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass and head dim (smaller head dims use 64's),
+# for bf16 / fp16: the fastest of two block-size sweeps on an H200 at S = 2048 (each pass varied
+# with the others fixed; benchmarks/gpu_h200.md). fp32 is for tests on a GPU only: small tiles
+# that compile quickly and do not spill. The interpreter: small unequal blocks, so that the tiny
+# test shapes cross many block and example boundaries.
 _CONFIGS = {
     #       fwd (rows, keys)       dk/dv (rows, keys)     dq (rows, keys)
-    64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
+    64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 4, 3), dq=(64, 32, 4, 3)),
     128: dict(fwd=(64, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(64, 32, 4, 3)),
 }
+_FP32_CONFIG = (32, 32, 4, 1)
 _INTERPRET_CONFIGS = dict(fwd=(32, 16, 1, 1), dkdv=(16, 32, 1, 1), dq=(32, 16, 1, 1))
 
 
 def _config(kind, head_dim, dtype):
     if INTERPRET:
         return _INTERPRET_CONFIGS[kind]
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _CONFIGS[max(head_dim, 64)][kind]
-    return BLOCK_M, BLOCK_N, num_warps, num_stages - (dtype == torch.float32)
+    if dtype == torch.float32:
+        return _FP32_CONFIG
+    return _CONFIGS[max(head_dim, 64)][kind]
 
 
 def _empty(shape, dtype, device):

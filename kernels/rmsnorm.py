@@ -29,9 +29,8 @@ def rms_norm_reference(x, weight, eps):
 # ----------------------------------------------------------------------------------------------
 # Triton. Forward: each program normalises a tile of BLOCK_M whole rows. Backward: each program
 # owns a contiguous chunk of rows and walks it BLOCK_M rows at a time, keeping its dweight
-# partial sum in fp32 registers. Several rows per tile keep more bytes in flight when rows are
-# short (measured on an H200: one 4096-wide row per step left the backward at 25% of the copy
-# bandwidth; benchmarks/gpu.py sweeps the tile sizes).
+# partial sum in fp32 registers. Short rows are grouped into tiles so a program has enough
+# bytes in flight; benchmarks/gpu.py sweeps the tile sizes and warps.
 
 # triton.jit reads TRITON_INTERPRET when it decorates, i.e. now: the kernels below run on CPU
 # tensors (numpy) only if it was set before this module was imported.
@@ -94,10 +93,10 @@ def _empty(shape, dtype, device):
     return out.fill_(float("nan")) if os.environ.get("LIMA_KERNELS_POISON") == "1" else out
 
 
-# (rows per tile, warps) by pass and block width; `tune` entries (the benchmark's sweep) win.
-# Default: tiles of at least 4096 (forward) / 8192 (backward) elements, a warp per 512 of them
-# (the forward's one row of 4096 / 8192 per program and the backward's one row of 8192 with 16
-# warps reached 68% / 94% / 66% of the copy bandwidth on an H200).
+# (rows per tile, warps) by pass and block width; `TUNE` entries (the benchmark's sweep) win.
+# Default, from a sweep on an H200 (benchmarks/gpu_h200.md): tiles of one row from 4096 up
+# (several rows per tile were slower there: 0.4-2.5x the time), at least 4096 elements below;
+# forward a warp per 512 elements, backward 16 warps up to 8192 (1.3-1.9x faster than 8 at 4096).
 TUNE = {}
 
 
@@ -109,8 +108,9 @@ def _config(kind, N):
     if (kind, BLOCK_N) in TUNE:
         rows, warps = TUNE[kind, BLOCK_N]
         return rows, BLOCK_N, warps
-    rows = max(1, (4096 if kind == "fwd" else 8192) // BLOCK_N)
-    warps = min(32, max(4, rows * BLOCK_N // 512))
+    rows = max(1, 4096 // BLOCK_N)
+    tile = rows * BLOCK_N
+    warps = min(32, max(4, tile // 512)) if kind == "fwd" else (16 if tile <= 8192 else 32)
     return rows, BLOCK_N, warps
 
 
