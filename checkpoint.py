@@ -1,4 +1,4 @@
-"""Checkpoints in and out: Meta's and Hugging Face's LLaMA layouts (LIMA.md §2).
+"""Checkpoints in and out: Meta's and Hugging Face's LLaMA layouts (docs/method.md, "Checkpoints").
 
 Reading, `load_model(path)`: the layout is detected from the files,
 - Meta: params.json + consolidated.00.pth .. consolidated.NN.pth (model-parallel shards, merged
@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -32,12 +31,14 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import files
 from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
 
 META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 HF_SINGLES = ("model.safetensors", "pytorch_model.bin")
-EOT_PIECE = "<eot>"  # how HF tokenizers and llama.cpp see our end-of-turn token (LIMA.md §3)
+EOT_PIECE = "<eot>"  # how HF tokenizers and llama.cpp see our end-of-turn token (LIMA §3)
 EXPECTED_LAYOUTS = (
     "Expected a checkpoint directory in Meta's layout (params.json + consolidated.00.pth, "
     "consolidated.01.pth, ...) or Hugging Face's (config.json + model.safetensors, or "
@@ -142,7 +143,7 @@ def _meta_args(path):
     if p.get("use_scaled_rope"):
         raise ValueError(f"{file}: use_scaled_rope (Llama 3.1 RoPE scaling) is not implemented; "
                          f"this project reads LLaMA 1 and Llama 2 checkpoints.")
-    if "norm_eps" not in p:  # LIMA.md §2: read it, never assume it (1e-6 vs 1e-5)
+    if "norm_eps" not in p:  # read it, never assume it: LLaMA 1 uses 1e-6, 65B and Llama 2 1e-5
         raise ValueError(f"{file}: has no norm_eps. Use the params.json that came with the weights.")
     vocab = p.get("vocab_size", -1)
     if vocab <= 0:  # Meta writes -1: the vocabulary is the embedding's row count
@@ -238,7 +239,7 @@ def hf_to_meta_name(name):
 
 
 def permute_to_hf(w, n_heads):
-    """Meta's interleaved-pair rows of wq/wk -> HF's rotate-half order (LIMA.md §2).
+    """Meta's interleaved-pair rows of wq/wk -> HF's rotate-half order.
 
     Within each head, Meta rotates pairs (row 2i, row 2i+1); HF rotates (row i, row i + d/2).
     (n_heads * head_dim, dim) -> (n_heads, head_dim // 2, 2, dim) -> swap the middle two.
@@ -298,7 +299,7 @@ def iter_weights(path, args=None):
                          f"these files. The checkpoint is incomplete: download it again.")
 
 
-# Meta's model-parallel split (LIMA.md §2): column-parallel matrices are cut along their output
+# Meta's model-parallel split: column-parallel matrices are cut along their output
 # rows (dim 0), row-parallel ones and the embedding along dim 1; norms are replicated.
 META_CAT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
                 "wo": 1, "w2": 1, "tok_embeddings": 1}
@@ -394,7 +395,6 @@ def load_model_and_tokenizer(path, tokenizer_path=None, dtype=torch.float32, dev
                              **arg_overrides):
     """(model, tokenizer); a tokenizer that does not fit the embedding fails before any
     weights are read."""
-    from tokenizer import Tokenizer
     tokenizer_path = tokenizer_path or find_tokenizer(path)
     if tokenizer_path is None:
         raise FileNotFoundError(f"{path}: no tokenizer.model in this directory or its parent. "
@@ -413,6 +413,7 @@ def read_extra(path):
 # ---- writing ---------------------------------------------------------------------------------
 
 def save_model(model, out_dir, tokenizer_path=None, extra=None):
+    """A Transformer in memory -> the Hugging Face layout at out_dir (save_hf)."""
     save_hf(out_dir, model.args, model.state_dict().items(), tokenizer_path=tokenizer_path,
             extra=extra)
 
@@ -426,27 +427,22 @@ def save_hf(out_dir, args, named_tensors, tokenizer_path=None, extra=None,
     dtype: cast on the way out (e.g. torch.bfloat16); None keeps each tensor's dtype.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
-    parent, base = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
     _check_replaceable(out_dir)
-    bos, eos, eot = 1, 2, (extra or {}).get("eot_id")  # LLaMA's ids (LIMA.md §2)
+    bos, eos, eot = 1, 2, (extra or {}).get("eot_id")  # LLaMA's ids
     if tokenizer_path is not None:
-        from tokenizer import Tokenizer
         tok = Tokenizer(tokenizer_path)
         tok.check_model_vocab(args.vocab_size, out_dir)
         bos, eos = tok.bos_id, tok.eos_id
         eot = tok.eot_id if args.vocab_size == tok.vocab_size else None
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)  # same filesystem: rename works
+    tmp = files.make_temp_dir(out_dir)
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is usually shared
         torch_dtype = _write_shards(tmp, args, named_tensors, max_shard_bytes, dtype)
-        _write_json(os.path.join(tmp, "config.json"), hf_config(args, torch_dtype, bos, eos))
-        _write_json(os.path.join(tmp, "generation_config.json"), generation_config(bos, eos, eot))
+        files.write_json(os.path.join(tmp, "config.json"), hf_config(args, torch_dtype, bos, eos))
+        files.write_json(os.path.join(tmp, "generation_config.json"), generation_config(bos, eos, eot))
         if tokenizer_path is not None:
             _write_tokenizer(tmp, tokenizer_path, tok, eot)
-        _write_json(os.path.join(tmp, "lima.json"), extra or {})
-        _fsync(tmp)
-        _swap_in(tmp, out_dir)
+        files.write_json(os.path.join(tmp, "lima.json"), extra or {})
+        files.swap_dir(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, Exception):  # KeyboardInterrupt: clean up, then let it through
@@ -513,14 +509,14 @@ def _write_shards(tmp, args, named_tensors, max_shard_bytes, dtype):
         final = f"model-{i:05d}-of-{n:05d}.safetensors"
         os.rename(shard, os.path.join(tmp, final))
         weight_map.update({name: final for name in names})
-    _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+    files.write_json(os.path.join(tmp, "model.safetensors.index.json"),
                 {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
     return torch_dtype
 
 
 def _write_shard(tensors, file):
     save_file(tensors, file, metadata={"format": "pt"})  # transformers checks "format"
-    _fsync(file)
+    files.fsync(file)
 
 
 def hf_config(args: ModelArgs, torch_dtype, bos_id=1, eos_id=2):
@@ -542,7 +538,7 @@ def hf_config(args: ModelArgs, torch_dtype, bos_id=1, eos_id=2):
 
 def generation_config(bos_id, eos_id, eot_id=None):
     # LIMA §5: nucleus p 0.9, temperature 0.7, repetition penalty 1.2; stop at EOT as at EOS.
-    # (transformers' penalty also covers the prompt; LIMA.md §5 penalises only generated tokens.)
+    # (transformers' penalty also covers the prompt; ours penalises only generated tokens.)
     return {"bos_token_id": bos_id, "eos_token_id": eos_id if eot_id is None else [eos_id, eot_id],
             "do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2}
 
@@ -552,49 +548,14 @@ def _write_tokenizer(tmp, tokenizer_path, tok, eot):
     added_tokens.json is what llama.cpp's converter reads, tokenizer_config.json what
     transformers reads (marking it special, so decode can skip it)."""
     shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-    _fsync(os.path.join(tmp, "tokenizer.model"))
+    files.fsync(os.path.join(tmp, "tokenizer.model"))
     piece = tok.sp.IdToPiece
     config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
               "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
               "unk_token": piece(tok.sp.unk_id()), "added_tokens_decoder": {}}
     if eot is not None:
-        _write_json(os.path.join(tmp, "added_tokens.json"), {EOT_PIECE: eot})
+        files.write_json(os.path.join(tmp, "added_tokens.json"), {EOT_PIECE: eot})
         config["added_tokens_decoder"][str(eot)] = {
             "content": EOT_PIECE, "special": True, "normalized": False,
             "lstrip": False, "rstrip": False, "single_word": False}
-    _write_json(os.path.join(tmp, "tokenizer_config.json"), config)
-
-
-def _write_json(file, obj):
-    with open(file, "w") as f:
-        json.dump(obj, f, indent=2, default=str)  # default=str: a Path in a config is no crash
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path):
-    """Flush a file, or a directory's entries, to disk: a rename is only as durable as this."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _swap_in(tmp, out_dir):
-    """rename(2) is atomic; with an old checkpoint at out_dir: move it aside, move the new one
-    in, then delete the old. A crash in between leaves both on disk, neither half-written."""
-    parent = os.path.dirname(out_dir)
-    if not os.path.lexists(out_dir):
-        os.rename(tmp, out_dir)
-    else:
-        old = os.path.join(parent, os.path.basename(tmp).replace(".tmp-", ".old-"))
-        os.rename(out_dir, old)
-        try:
-            os.rename(tmp, out_dir)
-        except BaseException:
-            os.rename(old, out_dir)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync(parent)
+    files.write_json(os.path.join(tmp, "tokenizer_config.json"), config)

@@ -59,3 +59,28 @@ def parse_config(cls, argv=None, presets=None, description=None):
         values.update(presets[preset])
     values.update(ns)
     return cls(**values)
+
+
+# ---- "auto" devices and dtypes: resolved here, spelled as torch spells them -------------------
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(name="auto"):
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else is kept as given."""
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name}: no CUDA device here; use cpu")
+    return name
+
+
+def resolve_dtype(name, device):
+    """"auto" -> bfloat16 on a GPU, float32 on a CPU; else one of DTYPES, as a torch dtype."""
+    import torch
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected auto or one of {', '.join(DTYPES)}")
+    return getattr(torch, name)

@@ -1,4 +1,4 @@
-"""LLaMA, as LIMA fine-tunes it (LIMA.md §2; Touvron et al. 2023).
+"""LLaMA, as LIMA fine-tunes it (LIMA §2; Touvron et al. 2023).
 
 Pre-norm decoder: RMSNorm, rotary position embeddings (Meta's interleaved pairs), SwiGLU
 feed-forward, no biases, untied embedding and output head. Parameter names are Meta's
@@ -10,7 +10,9 @@ One forward serves three uses:
   where each starts; positions restart and attention stops at every boundary;
 - plain batches (B, T), every row one sequence from position 0;
 - decoding with a KV cache (`setup_cache`, then `input_pos`), as in gpt-fast.
-LIMA's one architectural addition is depth-scaled residual dropout (LIMA.md §4).
+LIMA's one architectural addition is depth-scaled residual dropout (LIMA §3); its one addition
+to the vocabulary is the end-of-turn token (`add_tokens`, `mean_rows`).
+Loading and saving checkpoints is checkpoint.py's business.
 """
 
 import math
@@ -32,7 +34,7 @@ class ModelArgs:
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: Optional[int] = None  # None: = n_heads (LLaMA 1); Llama-2 70B uses 8 (GQA)
-    vocab_size: int = 32000  # 32001 once the end-of-turn token is added (LIMA.md §3)
+    vocab_size: int = 32000  # 32001 once the end-of-turn token is added (LIMA §3)
     multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None  # Llama-2 70B: 1.3
     hidden_dim: Optional[int] = None  # explicit SwiGLU width (HF's intermediate_size); None: derived
@@ -78,6 +80,16 @@ PRESETS = {
 }
 
 
+@torch.no_grad()
+def mean_rows(weight, n=1):
+    """(V, dim) -> (V + n, dim): the new rows of a grown vocabulary (the end-of-turn token,
+    LIMA §3) start as the mean of the existing rows, so the new token begins as an 'average'
+    token rather than a random direction. Our choice; the paper does not say. The mean is
+    taken in fp32 and rounded once to the weight's dtype."""
+    new = weight.float().mean(0, keepdim=True).to(weight.dtype).expand(n, -1)
+    return torch.cat([weight.detach(), new])
+
+
 def model_args(preset, **overrides):
     return replace(ModelArgs(**PRESETS[preset]), **overrides)
 
@@ -121,7 +133,8 @@ def packed_positions(cu_seqlens, total):
 
 
 class KVCache(nn.Module):
-    """Keys and values of every position decoded so far, per layer; made on demand.
+    """Keys and values of every position decoded so far, for one layer; made on demand
+    (Transformer.setup_cache), on the device of the layer it serves.
 
     Row b of a batch writes its token at its own position input_pos[b]; a query at position p
     sees the cached keys 0..p of its row. Slots past a row's position may hold stale values
@@ -140,6 +153,13 @@ class KVCache(nn.Module):
         self.k[rows, input_pos] = k.to(self.k.dtype)
         self.v[rows, input_pos] = v.to(self.v.dtype)
         return self.k[: k.shape[0]], self.v[: k.shape[0]]
+
+    def grown(self, length):
+        """A longer cache holding the same contents."""
+        B, S, H, D = self.k.shape
+        new = KVCache(B, length, H, D, self.k.dtype, self.k.device)
+        new.k[:, :S], new.v[:, :S] = self.k, self.v
+        return new
 
 
 class Attention(nn.Module):
@@ -244,11 +264,24 @@ class Transformer(nn.Module):
     # ---- decoding -------------------------------------------------------------------------
 
     def setup_cache(self, batch_size, max_seq_len=None, dtype=None):
+        """A KV cache per layer, each on its layer's device (layers may be spread over GPUs),
+        in the weights' dtype unless told otherwise."""
         max_seq_len = max_seq_len or self.args.max_seq_len
-        ref = self.output.weight
         for layer in self.layers:
+            w = layer.attention.wk.weight
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.args.kv_heads,
-                                               self.args.head_dim, dtype or ref.dtype, ref.device)
+                                               self.args.head_dim, dtype or w.dtype, w.device)
+
+    def grow_cache(self, length):
+        """Longer caches, contents kept (the cached attention reads the whole buffer, so a cache
+        only as long as needed bounds the work)."""
+        for layer in self.layers:
+            layer.attention.kv_cache = layer.attention.kv_cache.grown(length)
+
+    def cache_shape(self):
+        """(rows, length) of the current KV cache, or None."""
+        cache = self.layers[0].attention.kv_cache
+        return None if cache is None else tuple(cache.k.shape[:2])
 
     def clear_cache(self):
         for layer in self.layers:
@@ -258,19 +291,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def add_tokens(self, n=1):
-        """Grow the vocabulary by n rows (the end-of-turn token, LIMA.md §3). Each new input
-        embedding row and output-head row starts as the mean of the existing rows, so the new
-        token begins as an 'average' token rather than a random direction."""
-        old_emb, old_out = self.tok_embeddings.weight, self.output.weight
-        V = old_emb.shape[0]
-        emb = nn.Embedding(V + n, self.args.dim, device=old_emb.device, dtype=old_emb.dtype)
-        out = nn.Linear(self.args.dim, V + n, bias=False, device=old_out.device, dtype=old_out.dtype)
-        emb.weight[:V] = old_emb
-        emb.weight[V:] = old_emb.float().mean(0).to(old_emb.dtype)
-        out.weight[:V] = old_out
-        out.weight[V:] = old_out.float().mean(0).to(old_out.dtype)
+        """Grow the vocabulary by n rows (the end-of-turn token, LIMA §3), each starting as the
+        mean of the existing rows (`mean_rows`)."""
+        emb = nn.Embedding.from_pretrained(mean_rows(self.tok_embeddings.weight, n), freeze=False)
+        out = nn.Linear(self.args.dim, emb.num_embeddings, bias=False,
+                        device=emb.weight.device, dtype=emb.weight.dtype)
+        out.weight.copy_(mean_rows(self.output.weight, n))
         self.tok_embeddings, self.output = emb, out
-        self.args = replace(self.args, vocab_size=V + n)
+        self.args = replace(self.args, vocab_size=emb.num_embeddings)
 
     # ---- initialisation and loading -------------------------------------------------------
 
@@ -285,17 +313,6 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
             else:
                 nn.init.normal_(p, std=std)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", **arg_overrides):
-        """Load a Meta, Hugging Face, or lima checkpoint directory (checkpoint.py)."""
-        import checkpoint
-        return checkpoint.load_model(path, dtype=dtype, device=device, **arg_overrides)
-
-    def save_pretrained(self, out_dir, tokenizer_path=None, extra=None):
-        """Write the Hugging Face LLaMA layout, atomically (checkpoint.py)."""
-        import checkpoint
-        checkpoint.save_model(self, out_dir, tokenizer_path=tokenizer_path, extra=extra)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -1,6 +1,6 @@
 """The LLaMA SentencePiece tokenizer plus LIMA's end-of-turn token, and the chat format.
 
-LIMA §3 (LIMA.md §3): a dialogue is exactly
+LIMA §3: a dialogue is exactly
 
     BOS user_1 EOT assistant_1 EOT user_2 EOT assistant_2 EOT ...
 
@@ -31,7 +31,7 @@ class Tokenizer:
         self.path = model_path
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
-        self.eot_id = self.sp.vocab_size()  # LIMA.md §3: the first id past the base vocabulary
+        self.eot_id = self.sp.vocab_size()  # our choice: the first id past the base vocabulary
         self.vocab_size = self.eot_id + 1
 
     def encode(self, text):

@@ -18,8 +18,6 @@ The loss is the mean over all supervised tokens of the whole step, whatever the 
 import json
 import math
 import os
-import shutil
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,15 +26,17 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import checkpoint
-import prepare_data
-from config import parse_config
-from model import IGNORE_INDEX, Transformer, model_args
+import data
+import distributed
+import files
+from config import DTYPES, parse_config
+from distributed import log
+from generate import respond
+from model import IGNORE_INDEX, Transformer, mean_rows, model_args
 from tokenizer import Tokenizer
 
 
@@ -70,8 +70,8 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/resume (the end of the last finished epoch)"})
     device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
-    param_dtype: str = field(default="fp32", metadata={"help": "sharded master weights and so optimizer state: fp32 or bf16 (65B on 8x80GB)"})
-    compute_dtype: str = field(default="auto", metadata={"help": "forward/backward dtype: auto (bf16 on cuda, fp32 on cpu), bf16, fp32"})
+    param_dtype: str = field(default="float32", metadata={"help": f"sharded master weights and so optimizer state: {' or '.join(DTYPES[:2])} (65B on 8x80GB)"})
+    compute_dtype: str = field(default="auto", metadata={"help": f"forward/backward dtype: auto (bfloat16 on cuda, else param_dtype), {', '.join(DTYPES[:2])}"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each block in the backward"})
     cpu_offload: bool = field(default=False, metadata={"help": "keep sharded params, grads and optimizer state in host memory"})
     force: bool = field(default=False, metadata={"help": "start even if the memory plan says it does not fit"})
@@ -87,38 +87,6 @@ PRESETS = {
                  lr=3e-3, min_lr=3e-4, resid_dropout=0.0, save_epochs=[15],
                  dev_max_new_tokens=64, device="cpu", micro_batch_tokens=4096),
 }
-
-
-# ---- distributed -----------------------------------------------------------------------------
-
-def setup_distributed(device):
-    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` becomes a group of one, so there
-    is a single code path (FSDP2 with one rank shards nothing)."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    # On GPUs, NCCL for CUDA tensors and gloo beside it for CPU ones: with --cpu_offload the
-    # gradients are CPU DTensors and the clip's norm all-reduces them where they live (FSDP2
-    # has no NCCL path for that; pytorch#148532, torchtune#1977)
-    dist.init_process_group("cuda:nccl,cpu:gloo" if device.startswith("cuda") else "gloo")
-    return torch.device(device), dist.get_rank(), dist.get_world_size()
-
-
-def uses_nccl():
-    return "nccl" in str(dist.get_backend())
-
-
-def log(*args):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, file=sys.stderr, flush=True)
 
 
 # ---- batches -----------------------------------------------------------------------------------
@@ -206,7 +174,7 @@ def resolve_model_args(cfg, meta):
         add_eot = args.vocab_size == base_vocab
         tok = checkpoint.find_tokenizer(cfg.init_from)
         if tok is not None:  # the data must have been tokenized with the model's own tokenizer
-            prepare_data.check_tokenizer(meta, Tokenizer(tok))
+            data.check_tokenizer(meta, Tokenizer(tok))
         args.vocab_size = meta["vocab_size"]
     else:
         args = model_args(cfg.model, vocab_size=meta["vocab_size"])
@@ -217,8 +185,8 @@ def resolve_model_args(cfg, meta):
 
 
 def source_weights(cfg, args, add_eot):
-    """(name, full tensor) one at a time: from the base checkpoint, with the EOT row appended as
-    the mean of the others (LIMA.md §3); or a random init made the same way on every rank."""
+    """(name, full tensor) one at a time: from the base checkpoint, with the EOT row appended
+    (model.mean_rows, LIMA §3); or a random init made the same way on every rank."""
     if not cfg.init_from:
         torch.manual_seed(cfg.seed)
         scratch = Transformer(args)
@@ -227,60 +195,8 @@ def source_weights(cfg, args, add_eot):
         return
     for name, tensor in checkpoint.iter_weights(cfg.init_from):
         if add_eot and name in ("tok_embeddings.weight", "output.weight"):
-            tensor = torch.cat([tensor, tensor.float().mean(0, keepdim=True).to(tensor.dtype)])
+            tensor = mean_rows(tensor)
         yield name, tensor
-
-
-def build_model(cfg, args, add_eot, device):
-    """torchtitan's recipe: build on the meta device, fully_shard every block then the root,
-    allocate only this rank's shards, and fill them parameter by parameter from the source, so
-    no rank ever holds the whole model (65B is 130 GB in bf16)."""
-    with torch.device("meta"):
-        model = Transformer(args).to(param_dtype(cfg))  # the sharded master weights' dtype
-    if cfg.activation_checkpointing:
-        for block in model.layers:  # recompute the block in the backward; names unchanged
-            forward = block.forward
-            block.forward = lambda *a, _f=forward: activation_checkpoint(_f, *a, use_reentrant=False)
-    mp = None
-    if compute_dtype(cfg, device) != param_dtype(cfg):
-        # bf16 matmuls, gradients reduced in fp32 (torchtitan's policy)
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg, device), reduce_dtype=torch.float32)
-    kw = dict(mp_policy=mp) if mp else {}
-    if cfg.cpu_offload:
-        if device.type != "cuda":
-            raise ValueError("--cpu_offload moves sharded state from the GPUs to host memory; "
-                             "it needs CUDA devices. Leave it off on CPU.")
-        kw["offload_policy"] = CPUOffloadPolicy()
-    for block in model.layers:
-        fully_shard(block, **kw)
-    fully_shard(model, **kw)
-    model.to_empty(device="cpu" if cfg.cpu_offload else device)
-    expected = dict(model.named_parameters())
-    seen = set()
-    with torch.no_grad():
-        for name, full in source_weights(cfg, args, add_eot):
-            if name not in expected:
-                raise ValueError(f"{cfg.init_from or 'scratch'}: unexpected tensor {name}")
-            p = expected[name]
-            full = full.to(device=p.device, dtype=p.dtype)
-            # each rank keeps its own slice of the full tensor; no communication
-            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-            p.to_local().copy_(local)
-            seen.add(name)
-    missing = set(expected) - seen
-    if missing:
-        raise ValueError(f"{cfg.init_from}: no weights for {sorted(missing)[:5]}")
-    return model
-
-
-def param_dtype(cfg):
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.param_dtype]
-
-
-def compute_dtype(cfg, device):
-    if cfg.compute_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else param_dtype(cfg)
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.compute_dtype]
 
 
 def make_optimizer(model, cfg):
@@ -291,148 +207,6 @@ def make_optimizer(model, cfg):
     # fused: one kernel for the whole update on GPUs (torchtitan's default); elsewhere foreach
     fused = all(p.device.type == "cuda" for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
-
-
-def memory_plan(cfg, args, world_size, device, max_len, capacity=None):
-    """Bytes per GPU for the chosen options; printed at start, and a plan that cannot fit is
-    refused (capacity: bytes per GPU; read from the device on CUDA). Adam keeps two moments in the parameters' dtype; FSDP holds the shards plus about
-    two unsharded blocks (the current one and the prefetched next) in the compute dtype."""
-    with torch.device("meta"):
-        n = Transformer(args).num_params()
-    pb = param_dtype(cfg).itemsize
-    cb = compute_dtype(cfg, device).itemsize
-    block = 4 * args.dim * args.dim + 3 * args.dim * args.ffn_hidden  # a block's matrices
-    tokens = max(cfg.micro_batch_tokens, max_len)
-    # saved activations per token and layer, bytes: the inputs of the 7 matmuls, norms,
-    # attention output and dropout masks; with checkpointing only each block's input is kept
-    per_layer = cb * (10 * args.dim + 4 * args.ffn_hidden)
-    kept = cb * args.dim * args.n_layers + per_layer if cfg.activation_checkpointing else per_layer * args.n_layers
-    on_gpu = 0 if cfg.cpu_offload else 1
-    plan = {
-        "parameters (sharded)": on_gpu * n * pb / world_size,
-        "gradients (sharded)": on_gpu * n * pb / world_size,
-        "optimizer state (sharded)": on_gpu * 2 * n * pb / world_size,
-        "unsharded blocks (2)": 2 * block * cb + 2 * args.vocab_size * args.dim * cb,
-        "activations (est.)": tokens * kept + 3 * tokens * args.vocab_size * 4,  # + fp32 logits
-    }
-    plan["total"] = sum(plan.values())
-    lines = [f"memory plan per {'GPU' if device.type == 'cuda' else 'process'}: {n / 1e9:.2f}B "
-             f"params, {world_size} ranks, params {cfg.param_dtype}, compute "
-             f"{str(compute_dtype(cfg, device)).replace('torch.', '')}, checkpointing "
-             f"{cfg.activation_checkpointing}, cpu offload {cfg.cpu_offload}"]
-    lines += [f"  {k:<28}{v / 2**30:8.2f} GiB" for k, v in plan.items()]
-    if cfg.cpu_offload:
-        lines.append(f"  host memory per rank for offloaded state: {4 * n * pb / world_size / 2**30:.1f} GiB")
-    if cfg.param_dtype == "bf16":
-        lines.append("  note: bf16 master weights round away most updates at LIMA's lr (1e-5 on weights "
-                     "of ~1e-2 is below bf16's 8-bit mantissa); prefer fp32 with --cpu_offload or more GPUs")
-    log("\n".join(lines))
-    if capacity is None and device.type == "cuda":
-        capacity = torch.cuda.get_device_properties(device).total_memory
-    if capacity is not None:
-        if plan["total"] > 0.95 * capacity and not cfg.force:
-            raise SystemExit(
-                f"the memory plan needs {plan['total'] / 2**30:.1f} GiB per GPU but the GPU has "
-                f"{capacity / 2**30:.1f} GiB. Options: --activation_checkpointing, --param_dtype bf16, "
-                f"--cpu_offload, a smaller --micro_batch_tokens, more GPUs; or --force to try anyway.")
-    return plan
-
-
-# ---- checkpoints -------------------------------------------------------------------------------
-
-def full_tensors(model, dtype):
-    """Every parameter gathered whole, one at a time, on every rank (a collective each)."""
-    nccl = uses_nccl()
-    for name, p in model.state_dict().items():
-        if isinstance(p, DTensor):
-            if nccl and p.device.type == "cpu":  # --cpu_offload: NCCL gathers only GPU tensors
-                p = p.to(torch.cuda.current_device())
-            p = p.full_tensor()
-        if dist.get_rank() == 0:
-            yield name, p.detach().to("cpu", dtype)
-
-
-def save_consolidated(model, args, path, cfg, meta, epoch, dtype):
-    """The Hugging Face layout (checkpoint.save_hf), written by rank 0 as the parameters are
-    gathered one by one; atomic (temp dir, then rename)."""
-    tensors = full_tensors(model, dtype)
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            extra = dict(eot_id=meta["eot_id"], epoch=epoch, train_config=asdict(cfg))
-            checkpoint.save_hf(path, args, tensors, tokenizer_path=meta["tokenizer"], extra=extra)
-        except Exception as e:  # keep gathering so the other ranks are not left waiting
-            error = e
-    for _ in tensors:
-        pass
-    check_all_ok(error, f"writing the checkpoint {path}")
-
-
-def check_all_ok(error, what):
-    """Stop every rank if any rank failed (a rank that raises alone would hang the others)."""
-    device = "cuda" if uses_nccl() else "cpu"
-    failed = torch.tensor([error is not None], dtype=torch.int32, device=device)
-    dist.all_reduce(failed)
-    if failed.item():
-        msg = f"{what} failed: {error}" if error else f"{what} failed on another rank"
-        raise SystemExit(msg + ". The previous good checkpoint is kept.")
-
-
-def save_resume(model, optimizer, out_dir, step, epoch):
-    """Sharded resume state at the end of an epoch: model and optimizer shards through
-    torch.distributed.checkpoint, RNG per rank, written beside the good one, then swapped in."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    final, tmp = os.path.join(out_dir, "resume"), os.path.join(out_dir, "resume.tmp")
-    error = None
-    try:
-        if dist.get_rank() == 0 and os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        dist.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        # one process needs no coordination; measured on CPU (torch 2.13, gloo): a coordinated
-        # save left every later training step ~1.6x slower, a no_dist one did not
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp,
-                 no_dist=dist.get_world_size() == 1)
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, os.path.join(tmp, f"rng_rank{dist.get_rank()}.pt"))
-    except Exception as e:
-        error = e
-    check_all_ok(error, f"writing the resume state {tmp}")
-    if dist.get_rank() == 0:
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "epoch": epoch, "world_size": dist.get_world_size()}, f)
-        old = final + ".old"
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def load_resume(model, optimizer, out_dir):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    path = os.path.join(out_dir, "resume")
-    state_file = os.path.join(path, "state.json")
-    if not os.path.isfile(state_file):
-        raise SystemExit(f"--resume: no resume state at {path}. It is written at the end of each "
-                         f"epoch; start without --resume.")
-    with open(state_file) as f:
-        state = json.load(f)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=path, no_dist=dist.get_world_size() == 1)
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    rng_file = os.path.join(path, f"rng_rank{dist.get_rank()}.pt")
-    if state["world_size"] == dist.get_world_size() and os.path.exists(rng_file):
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return state
 
 
 # ---- evaluation --------------------------------------------------------------------------------
@@ -458,17 +232,13 @@ def dev_generations(model, tokenizer, prompts, path, epoch, cfg, seed):
     """Responses to every dev prompt with the paper's decoding (LIMA §5), for choosing the
     checkpoint by reading them (LIMA §3). Every rank decodes the same batch in lockstep, since
     each FSDP forward is a collective; rank 0 writes the file."""
-    import sample
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    responses = sample.respond(model, tokenizer, [p["turns"] for p in prompts],
-                               max_new_tokens=cfg.dev_max_new_tokens, generator=generator)
+    responses = respond(model, tokenizer, [p["turns"] for p in prompts], generator=generator,
+                        max_new_tokens=cfg.dev_max_new_tokens, all_done=distributed.all_ranks_done)
     if dist.get_rank() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            for p, r in zip(prompts, responses):
-                f.write(json.dumps({"id": p.get("id"), "source": p.get("source"), "prompt": p["turns"][-1],
-                                    "response": r, "reference": p.get("reference"), "epoch": epoch}) + "\n")
-        os.replace(tmp, path)
+        data.write_jsonl(path, [{"id": p.get("id"), "source": p.get("source"), "prompt": p["turns"][-1],
+                                 "response": r, "reference": p.get("reference"), "epoch": epoch}
+                                for p, r in zip(prompts, responses)])
 
 
 # ---- training ----------------------------------------------------------------------------------
@@ -500,115 +270,153 @@ def train_step(model, optimizer, micro_batches, n_supervised, grad_clip):
     return step_loss, grad_norm
 
 
-def train(cfg):
-    device, rank, world_size = setup_distributed(cfg.device)
-    meta = prepare_data.load_meta(cfg.data_dir)
-    train_split = prepare_data.load_split(cfg.data_dir, "train")
-    dev_split = prepare_data.load_split(cfg.data_dir, "dev") if meta.get("splits", {}).get("dev", {}).get("examples") else None
-    dev_prompts = prepare_data.load_prompts(cfg.data_dir, "dev") if dev_split is not None else []
+@dataclass
+class Run:
+    """One training run's state, as the loop and the end-of-epoch work share it."""
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world_size: int
+    meta: dict  # the prepared data's meta.json
+    tokenizer: Tokenizer
+    args: object  # model.ModelArgs
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_split: data.Split
+    dev_split: Optional[data.Split]
+    dev_prompts: list
+    epoch: int = 0  # where the loop is (0-based epoch, optimizer steps taken)
+    step: int = 0
+
+
+def setup(cfg):
+    device, rank, world_size = distributed.setup_distributed(cfg.device)
+    meta = data.load_meta(cfg.data_dir)
+    train_split = data.load_split(cfg.data_dir, "train")
+    has_dev = meta.get("splits", {}).get("dev", {}).get("examples")
+    dev_split = data.load_split(cfg.data_dir, "dev") if has_dev else None
+    dev_prompts = data.read_prompts(cfg.data_dir, "dev") if has_dev else []
     tokenizer = Tokenizer(meta["tokenizer"])
     args, add_eot = resolve_model_args(cfg, meta)
-    memory_plan(cfg, args, world_size, device, meta["max_len"])
-    model = build_model(cfg, args, add_eot, device)
+    distributed.memory_plan(cfg, args, world_size, device, meta["max_len"])
+    model = distributed.build_model(cfg, args, source_weights(cfg, args, add_eot), device)
     torch.manual_seed(cfg.seed + rank)  # dropout masks: repeatable, different on each rank
     optimizer = make_optimizer(model, cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    return Run(cfg, device, rank, world_size, meta, tokenizer, args, model, optimizer,
+               train_split, dev_split, dev_prompts)
 
-    lengths = train_split.lengths
-    supervised = supervised_counts(train_split)
-    steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
+
+PEAK_BF16 = 989e12  # H100 / H200 SXM dense bf16, the datasheet figure: MFU's denominator
+
+
+def step_flops(args, n_params, lengths):
+    """Training FLOPs of one step: 6 N per token for the matmuls (forward + backward), plus
+    causal attention, 6 * layers * dim * len^2 per example; recomputation is not counted."""
+    tokens = sum(int(n) - 1 for n in lengths)
+    return 6 * n_params * tokens + sum(6 * args.n_layers * args.dim * int(n) ** 2 for n in lengths)
+
+
+def start_logs(run):
+    """metrics.jsonl: a fresh run starts it anew; a resumed one keeps the lines of the steps
+    before its resume point (the killed run may have logged a few more)."""
+    path = os.path.join(run.cfg.out_dir, "metrics.jsonl")
+    if run.rank != 0:
+        return path
+    if run.cfg.resume and os.path.exists(path):
+        kept = [r for _, r in data.read_jsonl(path, repair_tail=True) if r["step"] < run.step]
+        data.write_jsonl(path, kept)
+    elif os.path.exists(path):
+        os.remove(path)
+    files.write_json(os.path.join(run.cfg.out_dir, "train_config.json"), asdict(run.cfg))
+    return path
+
+
+def train(cfg):
+    run = setup(cfg)
+    split, lengths = run.train_split, run.train_split.lengths
+    supervised = supervised_counts(split)
+    steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs  # the lr schedule's length
     stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
-    start_epoch, step = 0, 0
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    run.epoch, run.step = 0, 0
     if cfg.resume:
-        state = load_resume(model, optimizer, cfg.out_dir)
-        start_epoch, step = state["epoch"], state["step"]
-        log(f"resumed at epoch {start_epoch + 1}, step {step}")
-        if rank == 0 and os.path.exists(metrics_path):  # drop what the killed run logged after it
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] < step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-    elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    if rank == 0:
-        with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
-
-    peak = 989e12  # H100 SXM dense bf16 (PERF.md): MFU is reported for bf16 on GPU
-    n_params = sum(p.numel() for p in model.parameters())
-    save_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    bar = tqdm(total=stop_at, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        if step >= stop_at:
-            break
-        order = epoch_order(len(train_split), epoch, cfg.seed, lengths, cfg.batch_size)
-        for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            if step >= stop_at:
+        state = distributed.load_resume(run.model, run.optimizer, cfg.out_dir)
+        run.epoch, run.step = state["epoch"], state["step"]
+        log(f"resumed at epoch {run.epoch + 1}, step {run.step}")
+    metrics = start_logs(run)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    bf16_gpu = run.device.type == "cuda" and distributed.compute_dtype(cfg, run.device) == torch.bfloat16
+    bar = tqdm(total=stop_at, initial=run.step, disable=run.rank != 0, desc="train", dynamic_ncols=True)
+    run.model.train()
+    for epoch in range(run.epoch, cfg.epochs):
+        order = epoch_order(len(split), epoch, cfg.seed, lengths, cfg.batch_size)
+        for b in range(run.step - epoch * steps_per_epoch, steps_per_epoch):
+            if run.step >= stop_at:
                 break
             t0 = time.perf_counter()
             batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
-            plan = plan_microbatches(batch, lengths, world_size, cfg.micro_batch_tokens)
+            plan = plan_microbatches(batch, lengths, run.world_size, cfg.micro_batch_tokens)
             n_supervised = int(supervised[batch].sum())  # the same number on every rank
-            lr = lr_at(step, total_steps, cfg)
-            for group in optimizer.param_groups:
+            lr = lr_at(run.step, total_steps, cfg)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = [pack(train_split, examples, device, tokenizer.bos_id) for examples in plan[rank]]
-            step_loss, grad_norm = train_step(model, optimizer, micro_batches, n_supervised, cfg.grad_clip)
-            if not math.isfinite(step_loss):
+            micro = [pack(split, examples, run.device, run.tokenizer.bos_id) for examples in plan[run.rank]]
+            loss, grad_norm = train_step(run.model, run.optimizer, micro, n_supervised, cfg.grad_clip)
+            if not math.isfinite(loss):
                 raise SystemExit(
-                    f"loss is {step_loss} at step {step} (epoch {epoch + 1}); no checkpoint was written "
-                    f"for this step. Try a lower --lr, --param_dtype fp32, or check the data in {cfg.data_dir}.")
+                    f"loss is {loss} at step {run.step} (epoch {epoch + 1}); no checkpoint was written "
+                    f"for this step. Try a lower --lr, --param_dtype float32, or check the data in "
+                    f"{cfg.data_dir}.")
             dt = time.perf_counter() - t0
             tokens = int(sum(lengths[i] - 1 for i in batch))
-            record = dict(step=step, epoch=epoch + 1, loss=step_loss, lr=lr, grad_norm=grad_norm,
+            record = dict(step=run.step, epoch=epoch + 1, loss=loss, lr=lr, grad_norm=grad_norm,
                           tokens=tokens, supervised_tokens=n_supervised, tokens_per_s=tokens / dt, time_s=dt)
-            if device.type == "cuda" and compute_dtype(cfg, device) == torch.bfloat16:
-                # 6 N per token for the matmuls, plus causal attention: 6 * L * dim * len^2 per example
-                attn = sum(6 * args.n_layers * args.dim * int(lengths[i]) ** 2 for i in batch)
-                record["mfu"] = (6 * n_params * tokens + attn) / dt / (peak * world_size)
-                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if rank == 0:
-                with open(metrics_path, "a") as f:
+            if bf16_gpu:
+                flops = step_flops(run.args, n_params, [lengths[i] for i in batch])
+                record["mfu"] = flops / dt / (PEAK_BF16 * run.world_size)
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+            if run.rank == 0:
+                with open(metrics, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.4f}", tok_s=f"{tokens / dt:,.0f}")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}")
                 bar.update(1)
-            step += 1
-        if step < (epoch + 1) * steps_per_epoch:
+            run.step += 1
+        if run.step < (epoch + 1) * steps_per_epoch:
             break  # stopped early by --max_steps: no end-of-epoch work for a partial epoch
-        end_of_epoch(model, optimizer, args, tokenizer, cfg, meta, epoch, step, dev_split, dev_prompts,
-                     device, save_dtype)
+        end_of_epoch(run, epoch)
     bar.close()
     saved = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("epoch_"))
-    log(f"done: {step} steps. In {cfg.out_dir}: metrics.jsonl (one line per step), dev.jsonl "
+    log(f"done: {run.step} steps. In {cfg.out_dir}: metrics.jsonl (one line per step), dev.jsonl "
         f"(dev loss per epoch), dev_generations/ (responses to read when picking a checkpoint), "
         f"resume/ (for --resume), checkpoints {', '.join(saved) or 'none'}")
     dist.destroy_process_group()
 
 
-def end_of_epoch(model, optimizer, args, tokenizer, cfg, meta, epoch, step, dev_split, dev_prompts,
-                 device, save_dtype):
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    ep = epoch + 1  # 1-based, as the paper counts epochs
-    loss = dev_loss(model, dev_split, world_size, rank, cfg.micro_batch_tokens, device, tokenizer.bos_id)
+def end_of_epoch(run, epoch):
+    """Dev loss, dev answers and a checkpoint for the epochs to choose among (LIMA §3), then the
+    resume state."""
+    cfg, ep = run.cfg, epoch + 1  # 1-based, as the paper counts epochs
+    loss = dev_loss(run.model, run.dev_split, run.world_size, run.rank, cfg.micro_batch_tokens,
+                    run.device, run.tokenizer.bos_id)
     if loss is not None:
         log(f"epoch {ep}: dev loss {loss:.4f}")
-        if rank == 0:
+        if run.rank == 0:
             with open(os.path.join(cfg.out_dir, "dev.jsonl"), "a") as f:
-                f.write(json.dumps({"epoch": ep, "step": step, "dev_loss": loss}) + "\n")
+                f.write(json.dumps({"epoch": ep, "step": run.step, "dev_loss": loss}) + "\n")
     keep = ep in cfg.save_epochs or ep == cfg.epochs
-    if dev_prompts and (keep or cfg.generate_every_epoch):
+    if run.dev_prompts and (keep or cfg.generate_every_epoch):
         os.makedirs(os.path.join(cfg.out_dir, "dev_generations"), exist_ok=True)
         path = os.path.join(cfg.out_dir, "dev_generations", f"epoch_{ep:02d}.jsonl")
-        dev_generations(model, tokenizer, dev_prompts, path, ep, cfg, cfg.seed + ep)
+        dev_generations(run.model, run.tokenizer, run.dev_prompts, path, ep, cfg, cfg.seed + ep)
         log(f"epoch {ep}: dev generations in {path}")
     if keep:
         path = os.path.join(cfg.out_dir, f"epoch_{ep:02d}")
-        save_consolidated(model, args, path, cfg, meta, ep, save_dtype)
+        save_dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
+        extra = dict(eot_id=run.meta["eot_id"], epoch=ep, train_config=asdict(cfg))
+        distributed.save_consolidated(run.model, run.args, path, save_dtype, run.meta["tokenizer"], extra)
         log(f"epoch {ep}: checkpoint in {path}")
-    save_resume(model, optimizer, cfg.out_dir, step, ep)
+    distributed.save_resume(run.model, run.optimizer, cfg.out_dir, run.step, ep)
 
 
 def main(argv=None):

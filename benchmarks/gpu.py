@@ -14,7 +14,7 @@ in one is reported and the next part still runs), in this order:
   kernels      the two ceilings (a large bf16 matmul, a device-to-device copy); attention forward
                and backward against torch's SDPA backends, head dim 64 and 128, S 512-4096,
                causal; packed (varlen) against padded SDPA on LIMA's length mix; RMSNorm in TB/s;
-               a block-size sweep at head dim 128 (kernels/bench.py, every variant checked first).
+               block-size sweeps (benchmarks/bench_kernels.py, every variant checked first).
   training     a ~1B LLaMA (random init) on LIMA-like packed batches through train.py's
                build_model and train_step, bf16: tokens/s, MFU, peak memory against the memory
                plan, with and without activation checkpointing; --cpu_offload through the first
@@ -31,6 +31,7 @@ numbers mean nothing, it only proves the script runs (tests/test_gpu_script.py).
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -44,8 +45,20 @@ import threading
 import time
 import traceback
 
+import numpy as np
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import bench_kernels  # noqa: E402 - beside this script
+import checkpoint  # noqa: E402
+import distributed  # noqa: E402
+import generate  # noqa: E402
+import kernels  # noqa: E402
+import train  # noqa: E402
+from data import Split  # noqa: E402
+from model import IGNORE_INDEX, ModelArgs, Transformer, model_args  # noqa: E402
 
 # seconds of GPU time each part may take; the smoke run on a CPU gets its own (generous) ones
 BUDGETS = {"correctness": 90, "kernels": 110, "training": 75, "decoding": 145}
@@ -109,7 +122,6 @@ def guarded(rec, name, fn, *args, **kwargs):
 # ---- measuring ----------------------------------------------------------------------------------
 
 def sync(device):
-    import torch
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -125,15 +137,13 @@ def wall(fn, device):
 def ceilings(device, smoke):
     """(bf16 matmul FLOP/s, copy bytes/s) measured now on random data: the rates every
     compute- and memory-bound figure below is held against."""
-    import torch
-    from kernels.bench import time_ms
     n = 256 if smoke else 8192
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    matmul = 2 * n ** 3 / (time_ms(lambda: a @ b, device) / 1e3)
+    matmul = 2 * n ** 3 / (bench_kernels.time_ms(lambda: a @ b, device) / 1e3)
     size = (1 << 20) if smoke else (1 << 30)  # 2 GiB of bf16 read + written: far past the L2
     x = torch.randn(size, device=device, dtype=torch.bfloat16)
     y = torch.empty_like(x)
-    copy = 2 * x.numel() * x.element_size() / (time_ms(lambda: y.copy_(x), device) / 1e3)
+    copy = 2 * x.numel() * x.element_size() / (bench_kernels.time_ms(lambda: y.copy_(x), device) / 1e3)
     return matmul, copy
 
 
@@ -145,11 +155,8 @@ def kernel_tests(rec, smoke):
     (on a fresh machine every kernel variant compiles first)."""
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_kernels.py",
            "-k", "cuda"]
-    try:
-        import xdist  # noqa: F401 - on the GPU image: compile the kernels in parallel
+    if importlib.util.find_spec("xdist"):  # on the GPU image: compile the kernels in parallel
         cmd += ["-n", "8"]
-    except ImportError:
-        pass
     counts = {"PASSED": 0, "FAILED": 0, "ERROR": 0, "SKIPPED": 0}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     timer = threading.Timer(max(5.0, DEADLINE - time.time() - 5), proc.kill)
@@ -180,7 +187,6 @@ def interpreted_kernel_cases(rec):
 
 def count_triton_calls():
     """Wrap the two Triton launchers so a check can prove the kernels (not the fallback) ran."""
-    import kernels
     calls = {"attention": 0, "rms_norm": 0}
     for module, fn_name, key in ((kernels._attention, "attention_triton", "attention"),
                                  (kernels._rmsnorm, "rms_norm_triton", "rms_norm")):
@@ -194,7 +200,6 @@ def count_triton_calls():
 
 
 def small_args(smoke, **overrides):
-    from model import ModelArgs
     if smoke:
         base = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=128, multiple_of=16,
                     max_seq_len=64)
@@ -206,7 +211,6 @@ def small_args(smoke, **overrides):
 
 def packed_forward_backward(model, tokens, targets, cu_seqlens, use_kernels):
     """Logits and every parameter's gradient of the packed summed loss."""
-    import torch
     os.environ["LIMA_KERNELS"] = "triton" if use_kernels else "torch"
     try:
         model.zero_grad(set_to_none=True)
@@ -222,8 +226,6 @@ def model_check(rec, device, dtype, smoke, calls):
     `dtype`, against the same model in float64. The kernels pass if their worst relative error
     is at most twice the PyTorch path's (or under a floor), and every value is finite."""
     import copy
-    import torch
-    from model import IGNORE_INDEX, Transformer
     args = small_args(smoke)
     lengths = [5, 1, 19, 7] if smoke else [1, 300, 700, 129, 1000, 1]
     torch.manual_seed(0)
@@ -253,10 +255,8 @@ def model_check(rec, device, dtype, smoke, calls):
 
 
 def synthetic_split(lengths, vocab_size, seed):
-    """A prepared-data split (data format of prepare_data.py) of random tokens: the first
+    """A prepared-data split (data.Split, as prepare_data.py writes it) of random tokens: the first
     third of each example is the 'user' turn (not trained), the rest is trained."""
-    import numpy as np
-    from prepare_data import Split
     rng = np.random.default_rng(seed)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     tokens = rng.integers(3, vocab_size, offsets[-1]).astype(np.int32)
@@ -270,9 +270,7 @@ def synthetic_split(lengths, vocab_size, seed):
 def run_steps(cfg, args, split, steps, batch_size, device, before_step=None):
     """train.py's path: build_model (FSDP2, mixed precision), make_optimizer, then train_step
     on its packed micro-batches. Returns per-step (loss, grad_norm, seconds, tokens)."""
-    import torch
-    import train
-    model = train.build_model(cfg, args, False, device)
+    model = distributed.build_model(cfg, args, train.source_weights(cfg, args, False), device)
     optimizer = train.make_optimizer(model, cfg)
     supervised = train.supervised_counts(split)
     torch.manual_seed(cfg.seed)  # the same dropout masks for every run of this function
@@ -300,13 +298,11 @@ def run_steps(cfg, args, split, steps, batch_size, device, before_step=None):
 def training_equivalence(rec, device, smoke):
     """20 steps of train_step, bf16 on the GPU, with the kernels and with LIMA_KERNELS=torch:
     the same weights, data and dropout masks, so the losses must agree to bf16 tolerance."""
-    import torch
-    from train import TrainConfig
     args = small_args(smoke, resid_dropout=0.3)
     steps = 3 if smoke else 20
     lengths = [9, 30, 17, 4, 22, 11] * 4 if smoke else [120, 900, 37, 1000, 256, 513, 64, 800] * 10
     split = synthetic_split(lengths, args.vocab_size, seed=0)
-    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, micro_batch_tokens=64 if smoke else 2048,
+    cfg = train.TrainConfig(lr=1e-3, min_lr=1e-4, micro_batch_tokens=64 if smoke else 2048,
                       compute_dtype="auto", resid_dropout=0.3)
     losses = {}
     for use_kernels in (True, False):
@@ -325,7 +321,6 @@ def training_equivalence(rec, device, smoke):
 
 
 def part_correctness(rec, device, smoke):
-    import torch
     calls = count_triton_calls()
     # the model and the training step first: they show most if the budget runs out
     dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
@@ -343,7 +338,7 @@ def part_kernels(rec, device, smoke):
     """Tune on the machine, then measure: the block-size sweeps pick each pass's blocks (set
     here, in this process, and reported so they can be written into the kernels), then the
     tables are measured with them."""
-    from kernels import bench
+    bench = bench_kernels
     matmul, copy = ceilings(device, smoke)
     rec.row("ceiling: bf16 matmul (8192^3, random)", matmul / 1e12, "TFLOP/s",
             note=f"{matmul / PEAK_BF16:.0%} of the 989 TFLOP/s datasheet figure")
@@ -363,7 +358,7 @@ def part_kernels(rec, device, smoke):
         guarded(rec, "sweep " + argv[argv.index("--only") + 1], sweep, rec, bench, argv)
     rows = guarded(rec, "kernel tables", bench.main, main)
     if rows:
-        rec.table("kernels, with the blocks the sweeps chose (python -m kernels.bench " + " ".join(main) + ")",
+        rec.table("kernels, with the blocks the sweeps chose (python benchmarks/bench_kernels.py " + " ".join(main) + ")",
                   bench.HEADER + "\n" + "\n".join(bench.format_row(r) for r in rows))
         judge_kernels(rec, rows, copy, smoke)
 
@@ -374,7 +369,7 @@ def sweep(rec, bench, argv):
     attention = importlib.import_module("kernels.attention")  # the module, not kernels.attention()
     rmsnorm = importlib.import_module("kernels.rmsnorm")
     rows = bench.main(argv)
-    rec.table("sweep (python -m kernels.bench " + " ".join(argv) + ")",
+    rec.table("sweep (python benchmarks/bench_kernels.py " + " ".join(argv) + ")",
               bench.HEADER + "\n" + "\n".join(bench.format_row(r) for r in rows))
     for (op, shape), (config, rate) in sorted(bench.best_configs(rows).items()):
         kind = op.split()[-1]
@@ -439,7 +434,6 @@ def judge_kernels(rec, rows, copy, smoke):
 
 def one_billion(smoke):
     """~1.2B parameters, LLaMA proportions, head dim 128 (LLaMA 1/2's), 32k vocabulary."""
-    from model import ModelArgs
     if smoke:
         return ModelArgs(dim=64, n_layers=2, n_heads=2, vocab_size=256, multiple_of=32, max_seq_len=128)
     return ModelArgs(dim=2048, n_layers=20, n_heads=16, vocab_size=32001, multiple_of=256, max_seq_len=2048)
@@ -448,16 +442,12 @@ def one_billion(smoke):
 def part_training(rec, device, smoke):
     """Fine-tuning as a user runs it: a base checkpoint on disk (made here once, random
     weights, bf16 as LLaMA ships), loaded by train.py's build_model, trained by train_step."""
-    import torch
-    from kernels.bench import lima_lengths
-    from model import Transformer
-    from train import TrainConfig
     args = one_billion(smoke)
     with torch.device("meta"):
         n_params = Transformer(args).num_params()
     batch = 4 if smoke else 32  # LIMA §3: 32 examples per step
     gen = torch.Generator().manual_seed(0)
-    lengths = lima_lengths(batch * 8, args.max_seq_len, gen)
+    lengths = bench_kernels.lima_lengths(batch * 8, args.max_seq_len, gen)
     split = synthetic_split(lengths, args.vocab_size, seed=1)
     matmul, _ = ceilings(device, smoke)
     budget = 64 if smoke else 8192
@@ -471,23 +461,22 @@ def part_training(rec, device, smoke):
         with torch.device(device):
             model = Transformer(args)
         model.init_weights()
-        model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).save_pretrained(base)
+        checkpoint.save_model(model.to(torch.bfloat16 if device.type == "cuda" else torch.float32), base)
         del model
         for name, options in configs:
             if options.get("cpu_offload") and device.type != "cuda":
                 rec.row(name, "skipped", note="--cpu_offload needs CUDA (train.py refuses it on CPU)")
                 continue
-            cfg = TrainConfig(init_from=base, resid_dropout=0.3, micro_batch_tokens=budget)
-            cfg = TrainConfig(**{**cfg.__dict__, **options})
+            cfg = train.TrainConfig(init_from=base, resid_dropout=0.3, micro_batch_tokens=budget)
+            cfg = train.TrainConfig(**{**cfg.__dict__, **options})
             name = "train " + name + ", " + str(compute_dtype_name(cfg, device))
             guarded(rec, name, train_config_run, rec, name, cfg, args, split, batch, device, n_params, matmul)
-        cfg = TrainConfig(init_from=base, resid_dropout=0.3, micro_batch_tokens=budget)
+        cfg = train.TrainConfig(init_from=base, resid_dropout=0.3, micro_batch_tokens=budget)
         guarded(rec, "train profile of one step", profile_step, rec, cfg, args, split, batch, device)
 
 
 def compute_dtype_name(cfg, device):
-    import train
-    return str(train.compute_dtype(cfg, device)).removeprefix("torch.")
+    return str(distributed.compute_dtype(cfg, device)).removeprefix("torch.")
 
 
 def shm_or_tmp(size):
@@ -499,7 +488,6 @@ def shm_or_tmp(size):
 
 def profile_step(rec, cfg, args, split, batch, device):
     """torch.profiler over one step after a warm-up one: where the time goes, GPU and CPU."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     state = {}
@@ -527,15 +515,13 @@ def profile_step(rec, cfg, args, split, batch, device):
 
 def train_config_run(rec, name, cfg, args, split, batch, device, n_params, matmul):
     import gc
-    import torch
-    import train
     offload = cfg.cpu_offload
     warmup, timed = (1, 1) if offload or device.type != "cuda" else (2, 4)
     gc.collect()  # FSDP modules hold reference cycles: free the previous run's model first
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    plan = train.memory_plan(cfg, args, 1, device, args.max_seq_len)
+    plan = distributed.memory_plan(cfg, args, 1, device, args.max_seq_len)
     results = run_steps(cfg, args, split, warmup + timed, batch, device)
     losses = [r[0] for r in results]
     if not all(map(math.isfinite, losses)):
@@ -570,8 +556,6 @@ def train_config_run(rec, name, cfg, args, split, batch, device, n_params, matmu
 # ---- part 4: decoding -----------------------------------------------------------------------
 
 def build_decoder(smoke, device):
-    import torch
-    from model import ModelArgs, Transformer, model_args
     args = (ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=256)
             if smoke else model_args("7B", vocab_size=32001))
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -585,12 +569,10 @@ def build_decoder(smoke, device):
 def decode_rate(model, device, new_tokens, compile, repeats):
     """Batch-1 decode tokens/s = (N - 1) / (time(N new tokens) - time(1)): the prefill and
     the first token cancel out. Median of `repeats`."""
-    import torch
-    import sample
     prompt = [[1] + torch.randint(3, model.args.vocab_size - 1, (63,)).tolist()]
 
     def run(n):
-        return sample.generate(model, prompt, stop_ids=(), max_new_tokens=n, temperature=0.7,
+        return generate.generate(model, prompt, stop_ids=(), max_new_tokens=n, temperature=0.7,
                                top_p=0.9, repetition_penalty=1.2, compile=compile, keep_cache=compile,
                                generator=torch.Generator(device).manual_seed(0))
     first, _ = wall(lambda: run(2), device)  # warm up (and compile)
@@ -605,7 +587,6 @@ def decode_rate(model, device, new_tokens, compile, repeats):
 def forced_eot(lengths, eot):
     """Ends answer b after exactly lengths[b] tokens: EOT is banned before that and forced
     there. Returns f(logits (B, V), step) -> logits, used the same way for both decoders."""
-    import torch
 
     def force(logits, step):
         L = torch.as_tensor(lengths, device=logits.device)
@@ -619,29 +600,26 @@ def forced_eot(lengths, eot):
 
 
 def ours_batch(model, prompts, lengths, eot, device):
-    """sample.generate on the whole batch, its sampler wrapped to force each row's length."""
-    import torch
-    import sample
+    """generate.generate on the whole batch, its sampler wrapped to force each row's length."""
     force = forced_eot(lengths, eot)
-    real, step = sample.sample_next, [0]
+    real, step = generate.sample_next, [0]
 
     def sample_next(logits, *args, **kwargs):
         logits = force(logits, step[0])
         step[0] += 1
         return real(logits, *args, **kwargs)
-    sample.sample_next = sample_next
+    generate.sample_next = sample_next
     try:
-        return sample.generate(model, prompts, stop_ids=(eot,), max_new_tokens=max(lengths) + 1,
+        return generate.generate(model, prompts, stop_ids=(eot,), max_new_tokens=max(lengths) + 1,
                                temperature=0.7, top_p=0.9, repetition_penalty=1.2, penalize_prompt=True,
                                generator=torch.Generator(device).manual_seed(0))
     finally:
-        sample.sample_next = real
+        generate.sample_next = real
 
 
 def theirs_batch(hf, prompts, lengths, eot, device):
     """transformers' generate, same settings (its penalty covers the prompt: penalize_prompt
     above), prompts left-padded, the same forced lengths through a logits processor."""
-    import torch
     from transformers import LogitsProcessor, LogitsProcessorList
     force = forced_eot(lengths, eot)
     T = max(len(p) for p in prompts)
@@ -663,14 +641,12 @@ def to_hf(model, dtype, device):
     layout (checkpoint.py), in memory-backed /dev/shm when there is one."""
     from transformers import LlamaForCausalLM
     with tempfile.TemporaryDirectory(dir=shm_or_tmp(model.num_params() * dtype.itemsize)) as tmp:
-        model.save_pretrained(f"{tmp}/hf")
+        checkpoint.save_model(model, f"{tmp}/hf")
         hf = LlamaForCausalLM.from_pretrained(f"{tmp}/hf", dtype=dtype)
     return hf.to(device).eval()
 
 
 def part_decoding(rec, device, smoke):
-    import torch
-    from kernels.bench import lima_lengths
     _, copy = ceilings(device, smoke)
     model, dtype = build_decoder(smoke, device)
     # batch 1: every step reads every weight once, except the embedding table (one row)
@@ -690,15 +666,15 @@ def part_decoding(rec, device, smoke):
     def versus_transformers():
         n, max_answer = (8, 24) if smoke else (64, 512)
         gen = torch.Generator().manual_seed(2)
-        answers = lima_lengths(n, max_answer, gen)
-        prompt_lens = [max(4, int(x)) for x in lima_lengths(n, 64 if smoke else 256, gen)]
+        answers = bench_kernels.lima_lengths(n, max_answer, gen)
+        prompt_lens = [max(4, int(x)) for x in bench_kernels.lima_lengths(n, 64 if smoke else 256, gen)]
         vocab = model.args.vocab_size
         eot = vocab - 1
         prompts = [[1] + torch.randint(3, vocab - 1, (p - 1,), generator=gen).tolist() for p in prompt_lens]
         hf = to_hf(model, dtype, device)
         total = sum(answers) + n  # every answer's tokens and its EOT
         for who, fn in (("transformers generate", lambda: theirs_batch(hf, prompts, answers, eot, device)),
-                        ("sample.generate", lambda: ours_batch(model, prompts, answers, eot, device))):
+                        ("generate", lambda: ours_batch(model, prompts, answers, eot, device))):
             fn_small = (lambda: theirs_batch(hf, prompts[:2], [2, 3], eot, device)) if who.startswith("tr") \
                 else (lambda: ours_batch(model, prompts[:2], [2, 3], eot, device))
             wall(fn_small, device)  # warm up
@@ -710,9 +686,8 @@ def part_decoding(rec, device, smoke):
             times[who] = seconds
             rec.row(f"{n} prompts, LIMA-like answers (max {max_answer}): {who}", total / seconds, "tok/s",
                     note=f"{seconds:.1f} s for {total} tokens, prompts {min(prompt_lens)}-{max(prompt_lens)} tokens")
-        del hf
-        speedup = times["transformers generate"] / times["sample.generate"]
-        rec.row(f"{n} prompts: sample.generate vs transformers generate", speedup, "x",
+        speedup = times["transformers generate"] / times["generate"]
+        rec.row(f"{n} prompts: generate vs transformers generate", speedup, "x",
                 f">= {TARGETS['vs_hf']:.0f}", speedup >= TARGETS["vs_hf"])
     times = {}
     guarded(rec, "batch vs transformers", versus_transformers)
@@ -729,15 +704,13 @@ PARTS = {"correctness": part_correctness, "kernels": part_kernels, "training": p
 
 def run_part(name, out, smoke, checks, budget):
     """In the child process: one part, its rows appended as they come."""
-    import torch
     global SELECTED, DEADLINE
     SELECTED = checks.split(",") if checks else None
     DEADLINE = time.time() + budget
     rec = Recorder(out, name, smoke)
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     if name in ("correctness", "training"):
-        import train  # a process group of one, as `python train.py` makes (FSDP2 needs one)
-        device, _, _ = train.setup_distributed(device.type)
+        device, _, _ = distributed.setup_distributed(device.type)
     print(f"{name} on {device}: torch {torch.__version__}", flush=True)
     try:
         PARTS[name](rec, device, smoke)
@@ -780,7 +753,6 @@ def run_child(name, out, smoke, budget, checks):
 
 
 def environment():
-    import torch
     info = dict(date=str(datetime.date.today()), torch=torch.__version__, python=platform.python_version(),
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})")
     for pkg in ("triton", "transformers"):
@@ -848,7 +820,6 @@ def main(argv=None):
     unknown = [x for x in parts if x not in PARTS]
     if unknown:
         raise SystemExit(f"--parts: unknown {unknown}; choose from {','.join(PARTS)}")
-    import torch
     if not a.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run this on the GPU machine, or add --smoke for the CPU dry run")
     budgets = dict(SMOKE_BUDGETS if a.smoke else BUDGETS)

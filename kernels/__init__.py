@@ -13,23 +13,24 @@ import os
 
 from . import attention as _attention
 from . import rmsnorm as _rmsnorm
+from ._triton import HAS_TRITON, INTERPRET
 from .attention import attention_reference
 from .rmsnorm import rms_norm_reference
 
 
-def _use_triton(t, module):
-    if os.environ.get("LIMA_KERNELS") == "torch" or not module.HAS_TRITON:
+def _use_triton(t):
+    if os.environ.get("LIMA_KERNELS") == "torch" or not HAS_TRITON:
         return False
-    return t.is_cuda or (module.INTERPRET and t.device.type == "cpu")
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
 
 
 def rms_norm(x, weight, eps):
-    if _use_triton(x, _rmsnorm) and _rmsnorm.triton_supports(x, weight):
+    if _use_triton(x) and _rmsnorm.triton_supports(x, weight):
         return _rmsnorm.rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
 def attention(q, k, v, cu_seqlens=None):
-    if _use_triton(q, _attention) and _attention.triton_supports(q, k, v):
+    if _use_triton(q) and _attention.triton_supports(q, k, v):
         return _attention.attention_triton(q, k, v, cu_seqlens)
     return attention_reference(q, k, v, cu_seqlens)

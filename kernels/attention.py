@@ -8,20 +8,12 @@ own example. Returns (B, T, n_heads, head_dim).
 """
 
 import math
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # no Triton here: kernels/__init__.py only ever calls the reference
-    from types import SimpleNamespace
-    triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)
-    HAS_TRITON = False
+from ._triton import INTERPRET, LN2_C, LOG2E, LOG2E_C, poisoned_empty, tl, triton
 
 
 def attention_reference(q, k, v, cu_seqlens=None):
@@ -53,10 +45,6 @@ def attention_reference(q, k, v, cu_seqlens=None):
 # Scores are kept in log2 units (qk * scale * log2 e) so the kernels use exp2; the LSE saved for
 # the backward is natural-log, (B, H, T) fp32.
 
-# triton.jit reads TRITON_INTERPRET when it decorates, i.e. now: the kernels below run on CPU
-# tensors (numpy) only if it was set before this module was imported.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -140,7 +128,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ_START,
     o = acc / l_i[:, None]
     tl.store(O + offs_m[:, None] * so_t + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=offs_m[:, None] < T)
-    tl.store(LSE + bh * T + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < T)
+    tl.store(LSE + bh * T + offs_m, (m_i + tl.log2(l_i)) * LN2_C, mask=offs_m < T)
 
 
 # Backward. With P = softmax(S) row-wise, S = scale * Q K^T, O = P V, and dO given:
@@ -188,7 +176,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sq_t, sdo_t, offs_n, key_en
             lse = tl.load(LSE + offs_m)
             delta = tl.load(DELTA + offs_m)
         sT = tl.dot(k, qT, input_precision=DOT) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
-        pT = tl.exp2(sT - lse[None, :] * 1.4426950408889634)
+        pT = tl.exp2(sT - lse[None, :] * LOG2E_C)
         if MASK:
             visible = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < key_end[:, None])
             pT = tl.where(visible, pT, 0.0)
@@ -228,7 +216,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_END,
     lo = n0 // BLOCK_M * BLOCK_M
     full_lo = tl.maximum(lo, tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M)
     full_hi = tl.maximum(full_lo, first_end // BLOCK_M * BLOCK_M)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E_C
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -296,11 +284,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_START,
                 mask=rows[:, None], other=0.0)
     do = tl.load(DO + b.to(tl.int64) * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :],
                  mask=rows[:, None], other=0.0)
-    lse = tl.load(LSE + bh * T + offs_m, mask=rows, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + bh * T + offs_m, mask=rows, other=0.0) * LOG2E_C
     delta = tl.load(DELTA + bh * T + offs_m, mask=rows, other=0.0)
     # the same key-block split as the forward
     row_start, lo, full_lo, full_hi, hi = _key_blocks(SEQ_START, offs_m, m0, T, PACKED, BLOCK_M, BLOCK_N)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E_C
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, sk_t, sv_t, offs_m, row_start,
@@ -335,11 +323,6 @@ def _config(kind, head_dim, dtype):
     return _CONFIGS[max(head_dim, 64)][kind]
 
 
-def _empty(shape, dtype, device):
-    # LIMA_KERNELS_POISON=1 (the tests): NaN-fill every output so an element no kernel wrote fails
-    out = torch.empty(shape, dtype=dtype, device=device)
-    return out.fill_(float("nan")) if os.environ.get("LIMA_KERNELS_POISON") == "1" else out
-
 
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -365,8 +348,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, T, H, D = q.shape
     group = H // k.shape[2]
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    o = _empty((B, T, H, D), q.dtype, q.device)
-    lse = _empty((B, H, T), torch.float32, q.device)
+    o = poisoned_empty((B, T, H, D), q.dtype, q.device)
+    lse = poisoned_empty((B, H, T), torch.float32, q.device)
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config("fwd", D, q.dtype)
     grid = (triton.cdiv(T, BLOCK_M), B * H)
     _attn_fwd_kernel[grid](
@@ -395,12 +378,12 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dot = "ieee" if q.dtype == torch.float32 else "tf32"
     sm_scale = 1.0 / math.sqrt(D)
 
-    delta = _empty((B, H, T), torch.float32, q.device)
+    delta = poisoned_empty((B, H, T), torch.float32, q.device)
     _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](
         o, do, delta, *_strides(o), *_strides(do), T, H, HEAD_DIM=D, BLOCK_M=64)
 
-    dk = _empty(k.shape, k.dtype, k.device)
-    dv = _empty(v.shape, v.dtype, v.device)
+    dk = poisoned_empty(k.shape, k.dtype, k.device)
+    dv = poisoned_empty(v.shape, v.dtype, v.device)
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dkdv", D, q.dtype)
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, BLOCK_N), B * H_kv)](
         q, k, v, do, lse, delta, dk, dv, seq_end,
@@ -409,7 +392,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PACKED=packed, SPLIT_MASK=D < 128,
         DOT=dot, num_warps=num_warps, num_stages=num_stages)
 
-    dq = _empty(q.shape, q.dtype, q.device)
+    dq = poisoned_empty(q.shape, q.dtype, q.device)
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config("dq", D, q.dtype)
     _attn_bwd_dq_kernel[(triton.cdiv(T, BLOCK_M), B * H)](
         q, k, v, do, lse, delta, dq, seq_start,

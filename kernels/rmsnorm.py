@@ -1,22 +1,14 @@
-"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight  (LLaMA, LIMA.md §2).
+"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight  (LLaMA; Zhang and Sennrich 2019).
 
 Statistics are computed in fp32 and the normalised value is cast back to the input dtype
 before it is multiplied by the weight, exactly as Meta's reference does.
 """
 
 import functools
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # no Triton here: kernels/__init__.py only ever calls the reference
-    from types import SimpleNamespace
-    triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)
-    HAS_TRITON = False
+from ._triton import INTERPRET, poisoned_empty, tl, triton
 
 
 def rms_norm_reference(x, weight, eps):
@@ -32,9 +24,6 @@ def rms_norm_reference(x, weight, eps):
 # partial sum in fp32 registers. Short rows are grouped into tiles so a program has enough
 # bytes in flight; benchmarks/gpu.py sweeps the tile sizes and warps.
 
-# triton.jit reads TRITON_INTERPRET when it decorates, i.e. now: the kernels below run on CPU
-# tensors (numpy) only if it was set before this module was imported.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 MAX_DIM = 65536  # a whole row lives in registers; 64K fp32 across 32 warps is the ceiling
 
 
@@ -87,11 +76,6 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, st
     tl.store(DW_PARTIAL + pid * N + cols, tl.sum(dw, axis=0), mask=col_mask)
 
 
-def _empty(shape, dtype, device):
-    # LIMA_KERNELS_POISON=1 (the tests): NaN-fill every output so an element no kernel wrote fails
-    out = torch.empty(shape, dtype=dtype, device=device)
-    return out.fill_(float("nan")) if os.environ.get("LIMA_KERNELS_POISON") == "1" else out
-
 
 # (rows per tile, warps) by pass and block width; `TUNE` entries (the benchmark's sweep) win.
 # Default, from a sweep on an H200 (benchmarks/gpu_h200.md): tiles of one row from 4096 up
@@ -131,8 +115,8 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M, N = x2.shape
-    y = _empty((M, N), torch.promote_types(x.dtype, weight.dtype), x.device)
-    rstd = _empty((M,), torch.float32, x.device)
+    y = poisoned_empty((M, N), torch.promote_types(x.dtype, weight.dtype), x.device)
+    rstd = poisoned_empty((M,), torch.float32, x.device)
     if M > 0:
         BLOCK_M, BLOCK_N, num_warps = _config("fwd", N)
         _rms_norm_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
@@ -154,9 +138,9 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
     M, N = x2.shape
-    dx = _empty((M, N), x.dtype, x.device)
+    dx = poisoned_empty((M, N), x.dtype, x.device)
     P = max(1, min(M, _n_programs_bwd(x.device)))
-    dw_partial = _empty((P, N), torch.float32, x.device)
+    dw_partial = poisoned_empty((P, N), torch.float32, x.device)
     BLOCK_M, BLOCK_N, num_warps = _config("bwd", N)
     _rms_norm_bwd_kernel[(P,)](dy2, x2, weight.contiguous(), rstd, dx, dw_partial,
                                dy2.stride(0), x2.stride(0), dx.stride(0), M, N,

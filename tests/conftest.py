@@ -9,6 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # benchmark scripts import as modules too
 
 WORDS = ("the cat sat on a mat while river stones hum quietly under bright green lamps and "
          "seven happy robots answer questions about tea, maps, music, numbers: 1 2 3 4 5").split()

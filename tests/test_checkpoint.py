@@ -162,7 +162,7 @@ def write_meta(state, args, out_dir, n_shards, **params_overrides):
 def test_hf_layouts_match_transformers(ref, layout):
     path = ref["root"] / layout
     assert checkpoint.detect_layout(path) == "hf"
-    model = Transformer.from_pretrained(path)
+    model = checkpoint.load_model(path)
     assert model.args.kv_heads == ref["args"].kv_heads
     assert model.args.ffn_hidden == ref["args"].ffn_hidden
     torch.testing.assert_close(logits_of(model), ref["logits"], atol=ATOL, rtol=0)
@@ -181,7 +181,7 @@ def test_meta_shards_match_transformers(ref, tmp_path, n_shards):
     assert checkpoint.detect_layout(path) == "meta"
     args = checkpoint.load_args(path)
     assert args.vocab_size == VOCAB and args.norm_eps == ref["args"].norm_eps  # from the files
-    torch.testing.assert_close(logits_of(Transformer.from_pretrained(path)), ref["logits"],
+    torch.testing.assert_close(logits_of(checkpoint.load_model(path)), ref["logits"],
                                atol=ATOL, rtol=0)
 
 
@@ -244,7 +244,7 @@ def ours():
 def test_save_is_real_hf_and_round_trips(ours, tmp_path, tiny_tokenizer_path):
     out = tmp_path / "ckpt"
     extra = {"eot_id": 300, "train": {"lr": 1e-5, "epochs": 15}}
-    ours.save_pretrained(out, tokenizer_path=tiny_tokenizer_path, extra=extra)
+    checkpoint.save_model(ours, out, tokenizer_path=tiny_tokenizer_path, extra=extra)
     files = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.model",
             "added_tokens.json", "tokenizer_config.json", "lima.json"} <= files
@@ -285,7 +285,7 @@ def test_save_sharded_bf16(ours, tmp_path):
 
 def test_failed_save_leaves_previous_checkpoint(ours, tmp_path, monkeypatch):
     out = tmp_path / "ckpt"
-    ours.save_pretrained(out, extra={"epoch": 5})
+    checkpoint.save_model(ours, out, extra={"epoch": 5})
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
 
     def disk_full(tensors, file):
@@ -293,14 +293,14 @@ def test_failed_save_leaves_previous_checkpoint(ours, tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "_write_shard", disk_full)
     with pytest.raises(RuntimeError, match="disk is full"):
-        ours.save_pretrained(out, extra={"epoch": 6})
+        checkpoint.save_model(ours, out, extra={"epoch": 6})
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
     with pytest.raises(RuntimeError, match=str(tmp_path / "fresh")):
-        ours.save_pretrained(tmp_path / "fresh")
+        checkpoint.save_model(ours, tmp_path / "fresh")
     assert os.listdir(tmp_path) == ["ckpt"]  # no temp dir, no half-written "fresh"
     assert checkpoint.read_extra(out) == {"epoch": 5}
     monkeypatch.undo()  # the disk has room again: the next save replaces the old checkpoint
-    ours.save_pretrained(out, extra={"epoch": 6})
+    checkpoint.save_model(ours, out, extra={"epoch": 6})
     assert checkpoint.read_extra(out) == {"epoch": 6} and os.listdir(tmp_path) == ["ckpt"]
 
 
@@ -308,7 +308,7 @@ def test_save_replaces_only_checkpoints(ours, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "thesis.tex").write_text("precious")
     with pytest.raises(FileExistsError, match="not a checkpoint directory"):
-        ours.save_pretrained(tmp_path / "notes")
+        checkpoint.save_model(ours, tmp_path / "notes")
     assert (tmp_path / "notes" / "thesis.tex").read_text() == "precious"
 
 
@@ -343,7 +343,7 @@ def test_unknown_layout(tmp_path):
 
 def test_nonexistent_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'}: no such"):
-        Transformer.from_pretrained(tmp_path / "nope")
+        checkpoint.load_model(tmp_path / "nope")
 
 
 def test_shape_mismatch(ref, tmp_path):
@@ -372,7 +372,7 @@ def test_missing_tensor(ref, tmp_path):
 def test_tokenizer_must_fit_the_embedding(tmp_path, tiny_tokenizer_path):
     torch.manual_seed(0)
     path = tmp_path / "ckpt"
-    Transformer(tiny_args(vocab_size=320)).save_pretrained(path)
+    checkpoint.save_model(Transformer(tiny_args(vocab_size=320)), path)
     shutil.copy(tiny_tokenizer_path, tmp_path / "tokenizer.model")  # beside, like Meta's download
     assert checkpoint.find_tokenizer(path) == str(tmp_path / "tokenizer.model")
     with pytest.raises(ValueError, match=r"320 rows but the tokenizer .* has 300 pieces"):

@@ -12,7 +12,10 @@ import time
 import numpy as np
 import pytest
 
+import checkpoint
 import evaluate as E
+import judging
+import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,7 +187,7 @@ def judgements(labels, a="x.jsonl", b="y.jsonl", orders=None):
 
 
 def test_agreement_hand_computed():
-    assert [E.agreement_score(*p) for p in (("a", "a"), ("tie", "tie"), ("a", "tie"), ("tie", "b"), ("a", "b"))] \
+    assert [stats.agreement_score(*p) for p in (("a", "a"), ("tie", "tie"), ("a", "tie"), ("tie", "b"), ("a", "b"))] \
         == [1, 1, 0.5, 0.5, 0]
     j1 = judgements(["a", "b", "tie", "a", "tie", "b", None])
     j2 = judgements(["a", "a", "tie", "tie", "b", "b", "a"])
@@ -318,7 +321,7 @@ GOOD = {"id": 0, "prompt": "p0", "response": "r", "source": "s", "settings": {}}
 @pytest.mark.parametrize("rows_b, message", [
     ([GOOD, {"id": 1, "prompt": "p1", "settings": {}}], "gen_b.jsonl:2: missing field 'response'"),
     ([GOOD, {"id": 1, "response": "r"}], "gen_b.jsonl:2: missing field 'prompt'"),
-    ([GOOD, '{"id": 1, "prompt": "p1", "response": '], "gen_b.jsonl:2: not valid JSON"),
+    ([GOOD, '{"id": 1, "prompt": "p1", "response": '], "gen_b.jsonl:2: invalid JSON"),
     ([GOOD, "[1, 2]"], "gen_b.jsonl:2: expected a JSON object"),
     ([GOOD, {"id": 1, "prompt": 7, "response": "r"}], "gen_b.jsonl:2: 'prompt' must be"),
     ([GOOD, {"id": 5, "prompt": "p1", "response": "r"}], "gen_a.jsonl:2: id 1 has no response in"),
@@ -411,7 +414,7 @@ def test_tiny_judge_checkpoint_end_to_end(tmp_path, tiny_tokenizer_path, capsys)
     judge = Transformer(model_args("debug", vocab_size=tok.vocab_size, max_seq_len=2304))
     judge.init_weights()
     ckpt = str(tmp_path / "judge")
-    judge.save_pretrained(ckpt, tokenizer_path=tiny_tokenizer_path)
+    checkpoint.save_model(judge, ckpt, tokenizer_path=tiny_tokenizer_path)
 
     a, b = gen_files(tmp_path, n=4)
     rows = [json.loads(x) for x in open(a)]
@@ -423,7 +426,7 @@ def test_tiny_judge_checkpoint_end_to_end(tmp_path, tiny_tokenizer_path, capsys)
     records = [json.loads(x) for x in open(out)]
     assert len(records) == 8 and all(isinstance(r["raw"], str) for r in records)
     assert [r["id"] for r in records if r.get("trimmed")] == [2, 2]  # both orders of the long one
-    assert all(r["raw"] != E.TOO_LONG for r in records)
+    assert all(r["raw"] != judging.TOO_LONG for r in records)
     # a random model's replies are garbage: counted as unparseable, none dropped
     n_null = sum(r["label"] is None for r in records)
     assert n_null >= 6
@@ -433,7 +436,7 @@ def test_tiny_judge_checkpoint_end_to_end(tmp_path, tiny_tokenizer_path, capsys)
     grades = tmp_path / "grades.jsonl"
     assert E.main(["helpfulness", "--gen", gen, "--out", str(grades), *flags]) == 0
     graded = [json.loads(x) for x in open(grades)]
-    assert [g["sample"] for g in graded] == [0, 1] and all(g["raw"] != E.TOO_LONG for g in graded)
+    assert [g["sample"] for g in graded] == [0, 1] and all(g["raw"] != judging.TOO_LONG for g in graded)
     n_null = sum(g["score"] is None for g in graded)
     assert f"{n_null} unparseable" in capsys.readouterr().out
 
@@ -450,7 +453,7 @@ def test_generation_files_written_by_sample_py(tmp_path, tiny_tokenizer_path):
     chat = Transformer(model_args("debug", vocab_size=tok.vocab_size))
     chat.init_weights()
     ckpt = str(tmp_path / "chat")
-    chat.save_pretrained(ckpt, tokenizer_path=tiny_tokenizer_path)
+    checkpoint.save_model(chat, ckpt, tokenizer_path=tiny_tokenizer_path)
     prompts = write_jsonl(tmp_path / "test.jsonl", [
         {"conversations": ["the cat sat"], "source": "alpaca"},
         {"conversations": ["seven happy robots", "hum quietly", "and then?"], "source": "multi_turn"},

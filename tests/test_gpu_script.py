@@ -42,7 +42,7 @@ def test_smoke_runs_every_part(tmp_path):
                 "train packed, float32: MFU", "train packed, activation checkpointing, float32: tokens/s",
                 "train packed, micro-batches of 4x", "train profile", "--cpu_offload",
                 "decode batch 1, eager", "decode batch 1, --compile",
-                "8 prompts: sample.generate vs transformers generate"]
+                "8 prompts: generate vs transformers generate"]
     for prefix in expected:
         assert any(name.startswith(prefix) for _, name in names), prefix
     # the numbers are meaningless on a CPU: nothing is judged against a GPU target

@@ -153,7 +153,7 @@ def interpreted_results():
         except Exception:  # one broken case must not hide the others
             results[name] = traceback.format_exc()
     results["dispatch"] = dispatch_report()
-    from kernels import bench
+    import bench_kernels as bench
     with contextlib.redirect_stdout(io.StringIO()):
         rows = bench.main(TINY_BENCH)
     results["bench"] = {f"{r['op']} {r['variant']}": r["err"] for r in rows}
@@ -164,7 +164,7 @@ def interpreted_results():
 def interpreted():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "LIMA_KERNELS_POISON": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
     env.pop("LIMA_KERNELS", None)
     proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+import data
 import prepare_data as pd
 from conftest import train_tiny_tokenizer
 from tokenizer import Tokenizer, file_sha256
@@ -60,7 +61,7 @@ def test_single_turn_layout(tmp_path, tiny_tokenizer_path):
     u, a = "the cat sat on a mat", "river stones hum"
     out, _ = prepare(tmp_path, tiny_tokenizer_path, [{"conversations": [u, a], "source": "x"}],
                      "--dev_size", "0")
-    tokens, mask = pd.load_split(out, "train").example(0)
+    tokens, mask = data.load_split(out, "train").example(0)
     eu, ea = tok.encode(u), tok.encode(a)
     # BOS u EOT a EOT; the loss trains on a and its EOT only
     assert tokens.tolist() == [tok.bos_id] + eu + [tok.eot_id] + ea + [tok.eot_id]
@@ -73,7 +74,7 @@ def test_multi_turn_layout_and_train_on_prompt(tmp_path, tiny_tokenizer_path):
     turns = ["hello cat", "the cat sat", "and the mat", "green lamps"]
     rows = [{"conversations": turns, "source": "multi_turn"}]
     out, meta = prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_size", "0")
-    tokens, mask = pd.load_split(out, "train").example(0)
+    tokens, mask = data.load_split(out, "train").example(0)
     ids = [tok.encode(t) for t in turns]
     assert tokens.tolist() == ([tok.bos_id] + ids[0] + [tok.eot_id] + ids[1] + [tok.eot_id]
                                + ids[2] + [tok.eot_id] + ids[3] + [tok.eot_id])
@@ -82,7 +83,7 @@ def test_multi_turn_layout_and_train_on_prompt(tmp_path, tiny_tokenizer_path):
     assert meta["splits"]["train"]["multi_turn"] == 1
     out2, _ = prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_size", "0", "--train_on_prompt",
                       name="all")
-    tokens2, mask2 = pd.load_split(out2, "train").example(0)
+    tokens2, mask2 = data.load_split(out2, "train").example(0)
     assert tokens2.tolist() == tokens.tolist()
     assert mask2.tolist() == [False] + [True] * (len(tokens) - 1)  # all but BOS
 
@@ -94,7 +95,7 @@ def test_trimming_keeps_the_start(tmp_path, tiny_tokenizer_path):
             {"conversations": ["hum", "lamps"], "source": "x"},
             {"conversations": [" ".join(WORDS * 4), "lamps"], "source": "x"}]  # prompt fills max_len
     out, meta = prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_size", "0", "--max_len", "20")
-    split = pd.load_split(out, "train")
+    split = data.load_split(out, "train")
     full, full_mask = expected(tok, rows[0]["conversations"])
     assert len(full) > 20
     tokens, mask = split.example(0)
@@ -111,7 +112,7 @@ def test_odd_length_drops_trailing_user_turn(tmp_path, tiny_tokenizer_path):
             {"conversations": ["hum", "lamps"], "source": "x"},
             {"conversations": ["a lone prompt"], "source": "x"}]
     out, meta = prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_size", "0")
-    split = pd.load_split(out, "train")
+    split = data.load_split(out, "train")
     assert len(split) == 2
     assert split.example(0)[0].tolist() == expected(tok, ["the cat", "sat on a mat"])[0]
     assert meta["splits"]["train"]["dropped_turns"] == 1
@@ -123,7 +124,7 @@ def test_dev_split_deterministic_and_disjoint(tmp_path, tiny_tokenizer_path):
     def split_sets(out):
         sets = {}
         for s in ("train", "dev"):
-            sp = pd.load_split(out, s)
+            sp = data.load_split(out, s)
             sets[s] = [tuple(sp.example(i)[0].tolist()) for i in range(len(sp))]
         return sets
     a, meta = prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_size", "10", "--seed", "1", name="a")
@@ -138,7 +139,7 @@ def test_dev_split_deterministic_and_disjoint(tmp_path, tiny_tokenizer_path):
     everything = {tuple(expected(tok, r["conversations"])[0]) for r in rows}
     assert set(sa["dev"]) | set(sa["train"]) == everything
     # dev prompts line up with the dev split: the turns up to the last user turn + the reference
-    prompts = pd.load_prompts(a, "dev")
+    prompts = data.read_prompts(a, "dev")
     assert [p["id"] for p in prompts] == list(range(10)) and meta["dev_size"] == 10
     for p, toks in zip(prompts, sa["dev"]):
         assert tuple(expected(tok, p["turns"] + [p["reference"]])[0]) == toks
@@ -150,9 +151,9 @@ def test_dev_file(tmp_path, tiny_tokenizer_path):
     rows, dev_rows = make_rows(20, seed=0), make_rows(5, seed=1)
     dev = write_jsonl(tmp_path / "dev.jsonl", dev_rows)
     out, meta = prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_file", dev)
-    assert len(pd.load_split(out, "train")) == 20 and len(pd.load_split(out, "dev")) == 5
+    assert len(data.load_split(out, "train")) == 20 and len(data.load_split(out, "dev")) == 5
     assert meta["dev_size"] == 5 and meta["dev_lines"] == [1, 2, 3, 4, 5]
-    assert [p["reference"] for p in pd.load_prompts(out, "dev")] == [
+    assert [p["reference"] for p in data.read_prompts(out, "dev")] == [
         r["conversations"][-1] for r in dev_rows]
 
 
@@ -167,7 +168,7 @@ def test_messages_format_equals_conversations(tmp_path, tiny_tokenizer_path):
         for part in ("tokens", "mask", "offsets"):
             assert np.array_equal(np.load(a / f"{s}.{part}.npy"), np.load(b / f"{s}.{part}.npy"))
     assert ma["splits"] == mb["splits"]
-    assert pd.load_prompts(a, "dev") == pd.load_prompts(b, "dev")
+    assert data.read_prompts(a, "dev") == data.read_prompts(b, "dev")
 
 
 def test_messages_system_and_roles(tmp_path):
@@ -176,11 +177,11 @@ def test_messages_system_and_roles(tmp_path):
                       {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
         {"messages": [{"role": "assistant", "content": "Hi"}]}])
     with pytest.raises(pd.DataError, match=r"m\.jsonl:2: message 1 has role 'assistant'"):
-        pd.read_conversations(path)
+        data.read_conversations(path)
     write_jsonl(path, [{"messages": [{"role": "system", "content": "Be brief."},
                                      {"role": "user", "content": "Hi"},
                                      {"role": "assistant", "content": "Hello"}]}])
-    [row] = pd.read_conversations(path)
+    [row] = data.read_conversations(path)
     assert row["turns"] == ["Be brief.\n\nHi", "Hello"] and row["source"] == "unknown"
 
 
@@ -190,13 +191,13 @@ def test_reader_round_trip_and_meta(tmp_path, tiny_tokenizer_path):
     test = write_jsonl(tmp_path / "test.jsonl", [{"conversations": ["what is a cat"], "source": "t"},
                                                  {"conversations": ["hi", "yo", "and?"], "source": "t"}])
     out, _ = prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_size", "0", "--test", test)
-    split = pd.load_split(out, "train")
+    split = data.load_split(out, "train")
     assert len(split) == 40 and isinstance(split.tokens, np.memmap)
     for i, r in enumerate(rows):
         t, m = tok.encode_dialog(r["conversations"])
         assert split.example(i)[0].tolist() == t and split.example(i)[1].tolist() == m
     assert split.lengths.tolist() == [len(tok.encode_dialog(r["conversations"])[0]) for r in rows]
-    meta = pd.load_meta(out)
+    meta = data.load_meta(out)
     assert meta["tokenizer"] == os.path.abspath(tiny_tokenizer_path)
     assert meta["tokenizer_sha256"] == file_sha256(tiny_tokenizer_path)
     assert meta["eot_id"] == tok.eot_id and meta["vocab_size"] == tok.eot_id + 1
@@ -204,28 +205,28 @@ def test_reader_round_trip_and_meta(tmp_path, tiny_tokenizer_path):
     assert meta["max_len"] == 2048 and meta["train_on_prompt"] is False and meta["dev_size"] == 0
     assert meta["splits"]["train"]["multi_turn"] == 8 and meta["splits"]["train"]["sources"] == {
         "multi_turn": 8, "qa": 32}
-    assert len(pd.load_split(out, "dev")) == 0 and pd.load_prompts(out, "dev") == []
-    assert pd.load_prompts(out, "test") == [
+    assert len(data.load_split(out, "dev")) == 0 and data.read_prompts(out, "dev") == []
+    assert data.read_prompts(out, "test") == [
         {"id": 0, "source": "t", "line": 1, "turns": ["what is a cat"]},
         {"id": 1, "source": "t", "line": 2, "turns": ["hi", "yo", "and?"]}]
-    assert pd.load_prompts(test) == pd.load_prompts(out, "test")  # a raw GAIR-format file works too
-    pd.check_tokenizer(meta, tok)
+    assert data.read_prompts(test) == data.read_prompts(out, "test")  # a raw GAIR-format file works too
+    data.check_tokenizer(meta, tok)
     (tmp_path / "other").mkdir()
     other = Tokenizer(train_tiny_tokenizer(str(tmp_path / "other"), vocab_size=320))
     with pytest.raises(ValueError, match="Run prepare_data.py again with --tokenizer"):
-        pd.check_tokenizer(meta, other)
+        data.check_tokenizer(meta, other)
 
 
 def test_missing_or_garbled_data_dir(tmp_path, tiny_tokenizer_path):
     with pytest.raises(FileNotFoundError, match="prepare_data.py"):
-        pd.load_split(tmp_path / "nope", "train")
+        data.load_split(tmp_path / "nope", "train")
     out, _ = prepare(tmp_path, tiny_tokenizer_path, make_rows(5), "--dev_size", "0")
     np.save(out / "train.offsets.npy", np.array([0, 3], dtype=np.int64))
     with pytest.raises(pd.DataError, match="prepare_data.py again"):
-        pd.load_split(out, "train")
+        data.load_split(out, "train")
     os.remove(out / "train.mask.npy")
     with pytest.raises(FileNotFoundError, match="prepare_data.py"):
-        pd.load_split(out, "train")
+        data.load_split(out, "train")
 
 
 def _tree(path):
@@ -274,7 +275,7 @@ def test_bad_input_writes_nothing(case, tmp_path, tiny_tokenizer_path, capsys):
 def test_many_bad_lines_reports_the_first_few(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", ['{"conversations": ["a", "b"]}'] + ["not json"] * 12)
     with pytest.raises(pd.DataError) as e:
-        pd.read_conversations(path)
+        data.read_conversations(path)
     msg = str(e.value)
     assert "12 bad lines" in msg and f"{path}:2: invalid JSON" in msg and f"{path}:6:" in msg
     assert f"{path}:7:" not in msg and "and 7 more" in msg
@@ -293,7 +294,7 @@ def test_refuses_to_replace_a_foreign_dir(tmp_path, tiny_tokenizer_path):
 def test_rerun_replaces_output(tmp_path, tiny_tokenizer_path):
     out, _ = prepare(tmp_path, tiny_tokenizer_path, make_rows(10), "--dev_size", "2")
     out, _ = prepare(tmp_path, tiny_tokenizer_path, make_rows(20), "--dev_size", "3")
-    assert len(pd.load_split(out, "train")) == 17 and len(pd.load_split(out, "dev")) == 3
+    assert len(data.load_split(out, "train")) == 17 and len(data.load_split(out, "dev")) == 3
     assert sorted(os.listdir(tmp_path)) == ["data", "data.jsonl"]
 
 
@@ -303,15 +304,15 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "multi_turn" in capsys.readouterr().out
     assert meta["tokenizer"] == str(out / "tokenizer.model")
     assert meta["tokenizer_sha256"] == file_sha256(out / "tokenizer.model")
-    tok = Tokenizer(pd.load_meta(out)["tokenizer"])
+    tok = Tokenizer(data.load_meta(out)["tokenizer"])
     assert meta["eot_id"] == tok.eot_id == pd.DEMO_VOCAB_SIZE
-    train, dev = pd.load_split(out, "train"), pd.load_split(out, "dev")
+    train, dev = data.load_split(out, "train"), data.load_split(out, "dev")
     assert len(train) + len(dev) == 1050 and len(dev) == 50
     assert meta["splits"]["train"]["sources"]["multi_turn"] > 30
     assert meta["splits"]["train"]["len_max"] < 128  # short: a CPU model trains on it in minutes
     tokens, mask = train.example(0)
     assert tokens[0] == tok.bos_id and tokens[-1] == tok.eot_id and mask[-1]
-    tests = pd.load_prompts(out, "test")
+    tests = data.read_prompts(out, "test")
     assert len(tests) == 16 and all(t["reference"] for t in tests)
     # the demo tokenizer reproduces the demo text exactly (newlines in lists included)
     text = "Here are three fruits:\n1. apple\n2. pear\n3. plum"
@@ -341,4 +342,4 @@ def test_large_file_is_fast(tmp_path, tiny_tokenizer_path):
     out, meta = prepare(tmp_path, tiny_tokenizer_path, rows)
     assert time.time() - t0 < 10
     assert meta["splits"]["train"]["examples"] == 19_950 and meta["splits"]["dev"]["examples"] == 50
-    assert pd.load_split(out, "train").offsets[-1] == meta["splits"]["train"]["tokens"]
+    assert data.load_split(out, "train").offsets[-1] == meta["splits"]["train"]["tokens"]

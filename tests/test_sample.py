@@ -8,6 +8,10 @@ import os
 import pytest
 import torch
 
+import checkpoint
+import data
+import devices
+import generate
 import sample
 from model import Transformer, model_args
 from tokenizer import Tokenizer
@@ -53,16 +57,16 @@ def test_repetition_penalty_divides_positive_multiplies_negative_once_per_token(
     # token 0 occurred three times, token 1 once, token 4 (logit 0) once: each penalised once
     ids = torch.tensor([[0, 0, 1, 0, 4]])
     want = torch.tensor([[2.4 / 1.2, -1.0 * 1.2, 0.6, 3.0, 0.0]])
-    torch.testing.assert_close(sample.apply_repetition_penalty(logits, ids, 1.2), want)
+    torch.testing.assert_close(generate.apply_repetition_penalty(logits, ids, 1.2), want)
     mask = torch.tensor([[True, True, False, False, True]])
-    torch.testing.assert_close(sample.apply_repetition_penalty(logits, mask, 1.2), want)
-    assert sample.apply_repetition_penalty(logits, mask, 1.0) is logits
+    torch.testing.assert_close(generate.apply_repetition_penalty(logits, mask, 1.2), want)
+    assert generate.apply_repetition_penalty(logits, mask, 1.0) is logits
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
     probs = torch.tensor([[0.1, 0.5, 0.15, 0.25]])  # sorted: 0.5, 0.25, 0.15, 0.1
     logits = probs.log()
-    kept = lambda p: torch.isfinite(sample.top_p_filter(logits, p))[0].tolist()
+    kept = lambda p: torch.isfinite(generate.top_p_filter(logits, p))[0].tolist()
     assert kept(0.3) == [False, True, False, False]  # 0.5 alone reaches 0.3
     assert kept(0.6) == [False, True, False, True]  # 0.5 + 0.25 = 0.75 >= 0.6
     assert kept(0.8) == [False, True, True, True]  # 0.9 >= 0.8
@@ -70,11 +74,11 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert kept(1.0) == [True, True, True, True]
     assert kept(1e-9) == [False, True, False, False]  # always at least one
     # kept logits are unchanged, so the renormalised distribution is p / kept mass
-    out = sample.top_p_filter(logits, 0.6)
+    out = generate.top_p_filter(logits, 0.6)
     torch.testing.assert_close(out.softmax(-1), torch.tensor([[0, 0.5 / 0.75, 0, 0.25 / 0.75]]))
     # rows are independent
     two = torch.stack([logits[0], logits[0].flip(0)])
-    assert torch.isfinite(sample.top_p_filter(two, 0.3)).tolist() == [
+    assert torch.isfinite(generate.top_p_filter(two, 0.3)).tolist() == [
         [False, True, False, False], [False, False, True, False]]
 
 
@@ -84,26 +88,26 @@ def test_order_is_penalty_then_temperature_then_top_p():
     # temperature before top-p: at T=0.5 logits [2, 1, 0] give probs [0.867, 0.117, 0.016], so
     # p = 0.8 keeps token 0 alone; at T=1 (probs [0.665, 0.245, 0.09]) it would keep two
     x = many(torch.tensor([[2.0, 1.0, 0.0]]))
-    out = sample.sample_next(x, None, temperature=0.5, top_p=0.8, generator=g)
+    out = generate.sample_next(x, None, temperature=0.5, top_p=0.8, generator=g)
     assert out.unique().tolist() == [0]
-    out = sample.sample_next(x, None, temperature=1.0, top_p=0.8, generator=g)
+    out = generate.sample_next(x, None, temperature=1.0, top_p=0.8, generator=g)
     assert out.unique().tolist() == [0, 1]
     # penalty before top-p: logits [2.0, 1.8, -5]; penalising token 0 gives [1.667, 1.8, -5],
     # so token 1 becomes the most likely and with p = 0.5 the only one kept
     x = many(torch.tensor([[2.0, 1.8, -5.0]]))
     pen = torch.zeros_like(x, dtype=torch.bool)
     pen[:, 0] = True
-    out = sample.sample_next(x, pen, temperature=1.0, top_p=0.5, repetition_penalty=1.2, generator=g)
+    out = generate.sample_next(x, pen, temperature=1.0, top_p=0.5, repetition_penalty=1.2, generator=g)
     assert out.unique().tolist() == [1]
     # greedy (temperature 0) is argmax of the penalised logits
-    out = sample.sample_next(x[:1], pen[:1], temperature=0.0, repetition_penalty=1.2)
+    out = generate.sample_next(x[:1], pen[:1], temperature=0.0, repetition_penalty=1.2)
     assert out.tolist() == [1]
 
 
 def test_sampling_frequencies_follow_the_nucleus():
     probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
     logits = (probs.log() * 0.7).expand(40000, -1).contiguous()  # T = 0.7 undoes the 0.7
-    ids = sample.sample_next(logits, None, temperature=0.7, top_p=0.85,
+    ids = generate.sample_next(logits, None, temperature=0.7, top_p=0.85,
                              generator=torch.Generator().manual_seed(1))
     freq = torch.bincount(ids, minlength=4).float() / len(ids)
     torch.testing.assert_close(freq, torch.tensor([4, 3, 2, 0]) / 9, atol=0.01, rtol=0)
@@ -117,15 +121,15 @@ def test_cached_logits_equal_full_forward(model, tok):
     T = int(lengths.max())
     extra = torch.randint(3, 300, (3, 20))  # continuations, fed one token at a time
     full = [torch.cat([torch.tensor(p), extra[i]]) for i, p in enumerate(prompts)]
-    sample.setup_cache(model, 3, T + 7)  # too short on purpose: grown at step 7
+    model.setup_cache(3, T + 7)  # too short on purpose: grown at step 7
     padded = torch.stack([torch.cat([torch.tensor(p), torch.full((T - len(p),), p[-1])])
                           for p in prompts])
     with torch.no_grad():
-        got = [sample.prefill(model, padded, lengths)]
+        got = [generate.prefill(model, padded, lengths)]
         for i in range(extra.shape[1]):
             if i == 7:
-                sample.grow_cache(model, T + 40)  # contents survive the growth
-            got.append(sample.decode_one(model, extra[:, i:i + 1], (lengths + i)[:, None]))
+                model.grow_cache(T + 40)  # contents survive the growth
+            got.append(generate.decode_one(model, extra[:, i:i + 1], (lengths + i)[:, None]))
         model.clear_cache()
         for b, seq in enumerate(full):
             want = model(seq[None])[0]  # (len, V), no cache
@@ -155,17 +159,17 @@ def reference_greedy(model, prompt, n, stop, penalty=1.2, penalize_prompt=False)
 def test_greedy_matches_independent_loop_and_is_deterministic(model, tok, penalize_prompt):
     prompt = prompts_of(tok, ["seven happy robots answer questions about tea"])[0]
     kw = dict(stop_ids=(tok.eot_id,), max_new_tokens=24, penalize_prompt=penalize_prompt, **GREEDY)
-    first = sample.generate(model, [prompt], **kw)[0]
-    assert first == sample.generate(model, [prompt], **kw)[0]
+    first = generate.generate(model, [prompt], **kw)[0]
+    assert first == generate.generate(model, [prompt], **kw)[0]
     assert first == reference_greedy(model, prompt, 24, {tok.eot_id}, 1.2, penalize_prompt)
     assert len(first) == 24 or tok.eot_id in reference_greedy(model, prompt, 25, set())
 
 
 def test_generation_stops_at_its_stop_token_per_row(model, tok):
     prompts = prompts_of(tok, ["tea", "the cat sat on a mat", "numbers 1 2 3"])
-    free = sample.generate(model, prompts, stop_ids=(), max_new_tokens=16, **GREEDY)
+    free = generate.generate(model, prompts, stop_ids=(), max_new_tokens=16, **GREEDY)
     stop = free[1][5]  # a token row 1 makes; each row must end just before its first one
-    got = sample.generate(model, prompts, stop_ids=(stop,), max_new_tokens=16, **GREEDY)
+    got = generate.generate(model, prompts, stop_ids=(stop,), max_new_tokens=16, **GREEDY)
     for f, g in zip(free, got):
         assert g == (f[:f.index(stop)] if stop in f else f)
     assert len(got[1]) <= 5
@@ -174,7 +178,7 @@ def test_generation_stops_at_its_stop_token_per_row(model, tok):
 def test_stops_at_eot(model, tok):
     import copy
     prompt = prompts_of(tok, ["the cat sat on a mat"])[0]
-    free = sample.generate(model, [prompt], stop_ids=(), max_new_tokens=16, **GREEDY)[0]
+    free = generate.generate(model, [prompt], stop_ids=(), max_new_tokens=16, **GREEDY)[0]
     assert tok.eot_id not in free
     t = free[4]
     # swap t's and EOT's output rows: the model now says EOT exactly where it said t before,
@@ -184,10 +188,10 @@ def test_stops_at_eot(model, tok):
         w = swapped.output.weight
         w[[t, tok.eot_id]] = w[[tok.eot_id, t]]
     cut = free[:free.index(t)]
-    got = sample.generate(swapped, [prompt], stop_ids=sample.stop_ids(tok), max_new_tokens=16,
+    got = generate.generate(swapped, [prompt], stop_ids=generate.stop_ids(tok), max_new_tokens=16,
                           **GREEDY)[0]
     assert got == cut
-    text = sample.respond(swapped, tok, [["the cat sat on a mat"]], max_new_tokens=16, **GREEDY)
+    text = generate.respond(swapped, tok, [["the cat sat on a mat"]], max_new_tokens=16, **GREEDY)
     assert text == [tok.decode(cut)]
 
 
@@ -197,8 +201,8 @@ def test_batched_equals_one_by_one(model, tok):
     prompts = prompts_of(tok, texts)
     context = max(map(len, prompts)) + 12  # the long prompt's budget ends first
     for kw in (dict(max_new_tokens=20), dict(max_seq_len=context)):
-        batched = sample.generate(model, prompts, stop_ids=(tok.eot_id,), **kw, **GREEDY)
-        single = [sample.generate(model, [p], stop_ids=(tok.eot_id,), **kw, **GREEDY)[0]
+        batched = generate.generate(model, prompts, stop_ids=(tok.eot_id,), **kw, **GREEDY)
+        single = [generate.generate(model, [p], stop_ids=(tok.eot_id,), **kw, **GREEDY)[0]
                   for p in prompts]
         assert batched == single
         if "max_seq_len" in kw:
@@ -208,14 +212,14 @@ def test_batched_equals_one_by_one(model, tok):
 
 def test_generate_leaves_the_model_as_it_found_it(model, tok):
     model.train()
-    sample.generate(model, prompts_of(tok, ["tea"]), stop_ids=(), max_new_tokens=3)
+    generate.generate(model, prompts_of(tok, ["tea"]), stop_ids=(), max_new_tokens=3)
     assert model.training and model.layers[0].attention.kv_cache is None
     model.eval()
 
 
 def test_sampling_is_repeatable_with_a_seed(model, tok):
     prompts = prompts_of(tok, ["tea", "maps and music"])
-    run = lambda seed: sample.generate(model, prompts, stop_ids=(), max_new_tokens=12,
+    run = lambda seed: generate.generate(model, prompts, stop_ids=(), max_new_tokens=12,
                                        generator=torch.Generator().manual_seed(seed))
     assert run(3) == run(3)
     assert run(3) != run(4)
@@ -225,23 +229,23 @@ def test_vocab_cap_never_samples_padding_rows(tok):
     m = tiny_model(320)  # tokenizer 301 + 19 padding rows
     with torch.no_grad():
         m.output.weight[301:] = m.output.weight[5] * 50  # padding rows would win everything
-    out = sample.generate(m, [[1, 5]], stop_ids=(), max_new_tokens=8, vocab_size=301,
+    out = generate.generate(m, [[1, 5]], stop_ids=(), max_new_tokens=8, vocab_size=301,
                           generator=torch.Generator().manual_seed(0))
     assert all(t < 301 for t in out[0])
 
 
 def test_errors_on_empty_and_too_long_prompts(model):
-    with pytest.raises(sample.PromptError, match="empty"):
-        sample.generate(model, [[]], stop_ids=())
-    with pytest.raises(sample.PromptError, match="no room"):
-        sample.generate(model, [[1] * 256], stop_ids=())  # debug context is 256
+    with pytest.raises(generate.PromptError, match="empty"):
+        generate.generate(model, [[]], stop_ids=())
+    with pytest.raises(generate.PromptError, match="no room"):
+        generate.generate(model, [[1] * 256], stop_ids=())  # debug context is 256
 
 
 # ---- layers on several devices -----------------------------------------------------------------
 
 def test_placement_plan_is_contiguous_and_balanced():
     args = model_args("debug", n_layers=8)
-    plan = sample.placement_plan(args, ["cuda:0", "cuda:1"])
+    plan = devices.placement_plan(args, ["cuda:0", "cuda:1"])
     order = ["tok_embeddings"] + [f"layers.{i}" for i in range(8)] + ["norm", "output"]
     assert list(plan) == order
     devs = [plan[k] for k in order]
@@ -249,7 +253,7 @@ def test_placement_plan_is_contiguous_and_balanced():
     assert plan["norm"] == plan["output"]
     n0 = sum(1 for k in order if k.startswith("layers.") and plan[k] == "cuda:0")
     assert n0 == 4  # embedding and head weigh the same; the layers split evenly
-    plan4 = sample.placement_plan(model_args("debug", n_layers=16), [f"cuda:{i}" for i in range(4)])
+    plan4 = devices.placement_plan(model_args("debug", n_layers=16), [f"cuda:{i}" for i in range(4)])
     counts = [sum(1 for k, d in plan4.items() if k.startswith("layers.") and d == f"cuda:{i}")
               for i in range(4)]
     assert sorted(counts)[0] >= 3 and sum(counts) == 16
@@ -258,11 +262,11 @@ def test_placement_plan_is_contiguous_and_balanced():
 def test_placed_model_generates_the_same(tok):
     ref = tiny_model(tok.vocab_size, seed=1, n_layers=4)
     placed = tiny_model(tok.vocab_size, seed=1, n_layers=4)
-    plan = sample.placement_plan(placed.args, ["cpu", "cpu"])
-    sample.place_model(placed, plan)
+    plan = devices.placement_plan(placed.args, ["cpu", "cpu"])
+    devices.place_model(placed, plan)
     prompts = prompts_of(tok, ["tea", "the cat sat"])
     kw = dict(stop_ids=(), max_new_tokens=10, **GREEDY)
-    assert sample.generate(placed, prompts, **kw) == sample.generate(ref, prompts, **kw)
+    assert generate.generate(placed, prompts, **kw) == generate.generate(ref, prompts, **kw)
 
 
 # ---- respond, files, and the command line ------------------------------------------------------
@@ -270,13 +274,12 @@ def test_placed_model_generates_the_same(tok):
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory, tiny_tokenizer_path, tok):
     path = str(tmp_path_factory.mktemp("ckpt") / "chat")
-    tiny_model(tok.vocab_size, seed=2).save_pretrained(path, tokenizer_path=tiny_tokenizer_path)
+    checkpoint.save_model(tiny_model(tok.vocab_size, seed=2), path, tokenizer_path=tiny_tokenizer_path)
     return path
 
 
 @pytest.fixture(scope="module")
 def chat(chat_dir):
-    import checkpoint
     return checkpoint.load_model_and_tokenizer(chat_dir)
 
 
@@ -294,7 +297,7 @@ def fail_main(argv, capsys):
 
 def test_cli_prompt_prints_only_the_response(chat_dir, chat, capsys):
     model, tok = chat
-    want = sample.respond(model, tok, [["the cat sat"]], max_new_tokens=12, **GREEDY)[0]
+    want = generate.respond(model, tok, [["the cat sat"]], max_new_tokens=12, **GREEDY)[0]
     got = run_main(["--checkpoint", chat_dir, "--prompt", "the cat sat", "--temperature", "0",
                     "--max_new_tokens", "12"], capsys)
     assert got.out == want + "\n"
@@ -325,7 +328,7 @@ def test_cli_errors(chat_dir, tiny_tokenizer_path, tmp_path, capsys):
     assert "no room" in err and "64" in err
     # a model whose vocabulary fits another tokenizer
     other = str(tmp_path / "other")
-    tiny_model(512, seed=3).save_pretrained(other)
+    checkpoint.save_model(tiny_model(512, seed=3), other)
     err = fail_main(["--checkpoint", other, "--tokenizer", tiny_tokenizer_path, "--prompt", "hi"],
                     capsys)
     assert "512" in err and "tokenizer" in err
@@ -333,14 +336,13 @@ def test_cli_errors(chat_dir, tiny_tokenizer_path, tmp_path, capsys):
 
 def test_cli_base_model_needs_raw(tiny_tokenizer_path, tok, tmp_path, capsys):
     base = str(tmp_path / "base")
-    tiny_model(tok.eot_id, seed=4).save_pretrained(base, tokenizer_path=tiny_tokenizer_path)
+    checkpoint.save_model(tiny_model(tok.eot_id, seed=4), base, tokenizer_path=tiny_tokenizer_path)
     err = fail_main(["--checkpoint", base, "--prompt", "the cat"], capsys)
     assert "--raw" in err and "end-of-turn" in err
     out = run_main(["--checkpoint", base, "--prompt", "the cat", "--raw", "--max_new_tokens", "6",
                     "--temperature", "0"], capsys).out
-    import checkpoint
     m, _ = checkpoint.load_model_and_tokenizer(base)
-    ids = sample.generate(m, [[tok.bos_id] + tok.encode("the cat")], stop_ids=(tok.eos_id,),
+    ids = generate.generate(m, [[tok.bos_id] + tok.encode("the cat")], stop_ids=(tok.eos_id,),
                           max_new_tokens=6, **GREEDY)[0]
     assert out == tok.decode(ids) + "\n"
 
@@ -365,7 +367,7 @@ def test_cli_prompt_file_jsonl_resumes(chat_dir, chat, tmp_path, capsys):
     assert [r["prompt"] for r in first] == ["tea", "the cat sat", "numbers 1 2"]
     assert first[2]["context"] == ["maps", "music"] and first[2]["source"] == "multi_turn"
     assert first[0]["settings"]["temperature"] == 0.0 and "response" in first[0]
-    want = sample.respond(model, tok, [["tea"], ["the cat sat"], ["maps", "music", "numbers 1 2"]],
+    want = generate.respond(model, tok, [["tea"], ["the cat sat"], ["maps", "music", "numbers 1 2"]],
                           max_new_tokens=8, **GREEDY)
     assert [r["response"] for r in first] == want
 
@@ -412,13 +414,13 @@ def test_cli_prepare_data_prompts_print_without_out(chat_dir, tmp_path, capsys):
     out = run_main(["--checkpoint", chat_dir, "--prompt_file", str(prompts), "--temperature", "0",
                     "--max_new_tokens", "4"], capsys).out
     assert out.startswith("### tea\n") and "\n### on a mat\n" in out
-    records = sample.read_prompts(str(prompts))
+    records = data.read_prompts(str(prompts))
     assert [r["turns"] for r in records] == [["tea"], ["the cat", "sat", "on a mat"]]
 
 
 def test_cli_interactive_keeps_the_conversation(chat_dir, monkeypatch, capsys):
     seen = []
-    real = sample.respond
+    real = generate.respond
     monkeypatch.setattr(sample, "respond", lambda m, t, convs, **kw: seen.append(convs[0]) or
                         real(m, t, convs, **kw))
     monkeypatch.setattr("sys.stdin", io.StringIO("tea\nthe cat sat\n/reset\nmaps\n"))
@@ -431,11 +433,11 @@ def test_cli_interactive_keeps_the_conversation(chat_dir, monkeypatch, capsys):
 def test_compiled_decode_step_matches_eager(model, tok, monkeypatch):
     # the real path compiles with inductor (a minute on CPU); dynamo's eager backend checks that
     # the decode step traces as one graph through the fixed-size cache, in seconds
-    compiled = torch.compile(sample.decode_one, backend="eager", fullgraph=True)
-    monkeypatch.setitem(sample._compiled, "cpu", compiled)
+    compiled = torch.compile(generate.decode_one, backend="eager", fullgraph=True)
+    monkeypatch.setitem(generate._compiled, "cpu", compiled)
     prompts = prompts_of(tok, ["tea", "the cat sat on a mat"])
     kw = dict(stop_ids=(), max_new_tokens=10, **GREEDY)
-    assert sample.generate(model, prompts, compile=True, **kw) == sample.generate(model, prompts, **kw)
+    assert generate.generate(model, prompts, compile=True, **kw) == generate.generate(model, prompts, **kw)
 
 
 def test_generate_under_fsdp2_then_train(tok, tmp_path):
@@ -455,7 +457,7 @@ def test_generate_under_fsdp2_then_train(tok, tmp_path):
         sharded.train()
         prompts = prompts_of(tok, ["tea", "the cat sat"])
         kw = dict(stop_ids=(), max_new_tokens=10, **GREEDY)
-        assert sample.generate(sharded, prompts, **kw) == sample.generate(ref, prompts, **kw)
+        assert generate.generate(sharded, prompts, **kw) == generate.generate(ref, prompts, **kw)
         assert sharded.training
         x = torch.randint(0, tok.vocab_size, (2, 8))
         sharded(x, x)[1].backward()

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import data
+import distributed
 import model as M
 import prepare_data
 import train
@@ -39,7 +42,7 @@ def setup(tmp_path_factory, tiny_tokenizer_path):
     torch.manual_seed(0)
     base = M.Transformer(M.model_args("debug", vocab_size=300))
     base.init_weights()
-    base.save_pretrained(str(d / "base"), tokenizer_path=tiny_tokenizer_path)
+    checkpoint.save_model(base, str(d / "base"), tokenizer_path=tiny_tokenizer_path)
     return d
 
 
@@ -95,9 +98,9 @@ def test_micro_batching_and_activation_checkpointing_do_not_change_the_loss(setu
 
 
 def test_bf16_master_weights(setup, reference):
-    # --param_dtype bf16 (the 65B-on-8-GPUs option): the weights really are bf16, so the first
+    # --param_dtype bfloat16 (the 65B-on-8-GPUs option): the weights really are bf16, so the first
     # loss moves by bf16 rounding, no more
-    records, _ = run(setup, "bf16", "--param_dtype", "bf16", "--max_steps", "2")
+    records, _ = run(setup, "bf16", "--param_dtype", "bfloat16", "--max_steps", "2")
     first, ref = records[0]["loss"], reference[0]["loss"]
     assert first != ref and first == pytest.approx(ref, rel=2e-2)
 
@@ -120,12 +123,12 @@ def test_killed_after_epoch_one_then_resumed_equals_uninterrupted(setup):
 
 def test_checkpoint_loads_back_with_the_trained_weights(setup, reference, tiny_tokenizer_path):
     ckpt = setup / "ref" / "epoch_02"
-    m = M.Transformer.from_pretrained(str(ckpt))
+    m = checkpoint.load_model(str(ckpt))
     assert m.args.vocab_size == 301  # the EOT row was added to the 300-piece base
     # the dev loss the training run measured equals the one measured with the saved checkpoint
     with open(setup / "ref" / "dev.jsonl") as f:
         logged = [json.loads(line) for line in f][-1]
-    dev = prepare_data.load_split(setup / "data", "dev")
+    dev = data.load_split(setup / "data", "dev")
     total = count = 0.0
     with torch.no_grad():
         for i in range(len(dev)):
@@ -139,7 +142,7 @@ def test_checkpoint_loads_back_with_the_trained_weights(setup, reference, tiny_t
 
 
 def test_pack_trains_only_on_assistant_tokens(setup, tiny_tokenizer_path):
-    split = prepare_data.load_split(setup / "data", "train")
+    split = data.load_split(setup / "data", "train")
     x, y, cu = train.pack(split, [0, 1, 2], "cpu", 1)
     assert cu.tolist()[0] == 0 and cu.tolist()[-1] == x.shape[1]
     for k, i in enumerate([0, 1, 2]):
@@ -191,7 +194,7 @@ def test_nan_loss_stops_before_any_checkpoint(setup):
 def test_mismatched_tokenizer_is_refused(setup, tmp_path):
     from tests.conftest import train_tiny_tokenizer
     other = train_tiny_tokenizer(str(tmp_path), vocab_size=300, seed=5)  # same size, other pieces
-    M.Transformer(M.model_args("debug", vocab_size=300)).save_pretrained(str(tmp_path / "base"), tokenizer_path=other)
+    checkpoint.save_model(M.Transformer(M.model_args("debug", vocab_size=300)), str(tmp_path / "base"), tokenizer_path=other)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--init_from", str(tmp_path / "base"),
            "--data_dir", str(setup / "data"), "--out_dir", str(tmp_path / "out")]
@@ -200,19 +203,19 @@ def test_mismatched_tokenizer_is_refused(setup, tmp_path):
 
 
 def test_memory_plan_refuses_what_cannot_fit_and_says_what_to_do():
-    # LIMA.md §4: 65B on 8 x 80 GB fits only with bf16 state, offload, or more GPUs
+    # 65B on 8 x 80 GB fits only with bf16 state, offload, or more GPUs
     args = M.model_args("65B", vocab_size=32001)
     gpu = torch.device("cuda")
     cfg = train.TrainConfig()
     with pytest.raises(SystemExit, match="--activation_checkpointing.*--cpu_offload"):
-        train.memory_plan(cfg, args, 8, gpu, 2048, capacity=80 * 2**30)
-    plan = train.memory_plan(train.TrainConfig(force=True), args, 8, gpu, 2048, capacity=80 * 2**30)
+        distributed.memory_plan(cfg, args, 8, gpu, 2048, capacity=80 * 2**30)
+    plan = distributed.memory_plan(train.TrainConfig(force=True), args, 8, gpu, 2048, capacity=80 * 2**30)
     assert plan["optimizer state (sharded)"] == pytest.approx(2 * 4 * args_params(args) / 8)
-    fits = train.TrainConfig(param_dtype="bf16", activation_checkpointing=True, micro_batch_tokens=2048)
-    plan = train.memory_plan(fits, args, 8, gpu, 2048, capacity=80 * 2**30)
+    fits = train.TrainConfig(param_dtype="bfloat16", activation_checkpointing=True, micro_batch_tokens=2048)
+    plan = distributed.memory_plan(fits, args, 8, gpu, 2048, capacity=80 * 2**30)
     assert plan["total"] < 0.95 * 80 * 2**30
     offload = train.TrainConfig(cpu_offload=True, activation_checkpointing=True, micro_batch_tokens=2048)
-    assert train.memory_plan(offload, args, 8, gpu, 2048, capacity=80 * 2**30)["parameters (sharded)"] == 0
+    assert distributed.memory_plan(offload, args, 8, gpu, 2048, capacity=80 * 2**30)["parameters (sharded)"] == 0
 
 
 def args_params(args):

@@ -1,8 +1,10 @@
-"""Kernel benchmarks (PERF.md): one command, one table, every variant checked before it is timed.
+"""Kernel benchmarks (docs/performance.md): one command, one table, every variant checked
+before it is timed.
 
-    python -m kernels.bench                       # on a GPU: all of it, a few minutes
-    python -m kernels.bench --only packed --out $OUT/bench.md
-    python -m kernels.bench -h
+    python benchmarks/bench_kernels.py                      # on a GPU: all of it, a few minutes
+    python benchmarks/bench_kernels.py --only packed --out $OUT/bench.md
+    python benchmarks/bench_kernels.py --only tune          # block-size candidates
+    python benchmarks/bench_kernels.py -h
 
 What is counted (kernels/NOTES.md has the reasoning):
 - causal attention forward: 4 * B * H * D * S^2 / 2 FLOPs (QK^T and PV, half the matrix);
@@ -16,6 +18,7 @@ inputs (relative error of the worst of them); a variant over tolerance is marked
 import datetime
 import importlib
 import math
+import os
 import statistics
 import sys
 import time
@@ -25,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from config import parse_config
-from kernels.attention import attention_reference, attention_triton
-from kernels.rmsnorm import rms_norm_reference, rms_norm_triton
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+from config import parse_config  # noqa: E402
+from kernels.attention import attention_reference, attention_triton  # noqa: E402
+from kernels.rmsnorm import rms_norm_reference, rms_norm_triton  # noqa: E402
 
 
 @dataclass
@@ -75,7 +80,7 @@ def tolerance(dtype):
 
 
 def lima_lengths(n, max_len, generator):
-    # LIMA's mix (LIMA.md §4): mean ~750 tokens, a fifth near 1.8k (wikiHow answers), max 2048.
+    # LIMA's mix (docs/method.md): mean ~750 tokens, a fifth near 1.8k (wikiHow answers), max 2048.
     # The rest: log-normal with its mean set so the whole batch averages ~750/2048 of max_len.
     n_long = round(n / 5)
     long = max_len * (0.8 + 0.2 * torch.rand(n_long, generator=generator))
@@ -329,7 +334,7 @@ def main(argv=None):
     import triton
     title = (f"{name}, {datetime.date.today()}, torch {torch.__version__}, triton {triton.__version__}, "
              f"{cfg.dtype}, medians of triton.testing.do_bench\n"
-             f"command: python -m kernels.bench {' '.join(sys.argv[1:] if argv is None else argv)}")
+             f"command: python benchmarks/bench_kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(title)
     print(HEADER)
     rows = []

@@ -1,16 +1,18 @@
-"""Decode speed of sample.generate against transformers' LlamaForCausalLM.generate, same weights
-and settings (LIMA §5: temperature 0.7, top-p 0.9, repetition penalty 1.2 on prompt and
+"""Decode speed of generate.generate against transformers' LlamaForCausalLM.generate, same
+weights and settings (LIMA §5: temperature 0.7, top-p 0.9, repetition penalty 1.2 on prompt and
 response, transformers' way; top-k off), on random weights.
 
-    python bench_sample.py                                   # CPU: a small model, fp32
-    python bench_sample.py --preset 7B --device cuda --new_tokens 256 --compile
+    python benchmarks/bench_decode.py                        # CPU: a small model, fp32
+    python benchmarks/bench_decode.py --preset 7B --device cuda --new_tokens 256 --compile
 
 Decode tokens/s = batch * (N - 1) / (time(N new tokens) - time(1 new token)): the prefill
 and the first token cancel out. Median over --repeats runs. On CUDA the floor is memory
-bandwidth (PERF.md: 3.0 TB/s on an H100): every step reads all weights plus the live KV cache.
+bandwidth (4.25 TB/s measured on an H200, benchmarks/gpu_h200.md): every step reads all
+weights plus the live KV cache.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -18,11 +20,14 @@ import time
 
 import torch
 
-import sample
-from model import ModelArgs, Transformer, model_args
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import checkpoint  # noqa: E402
+import generate  # noqa: E402
+from model import ModelArgs, Transformer, model_args  # noqa: E402
 
 SMALL = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32001, multiple_of=256)
-BANDWIDTH = 3.0e12  # B/s, H100 device-to-device copy (PERF.md)
+BANDWIDTH = 4.25e12  # B/s, device-to-device copy measured on an H200 (benchmarks/gpu_h200.md)
 
 
 def build(preset, device, dtype):
@@ -38,7 +43,7 @@ def to_hf(model, dtype, device):
     """Our weights -> LlamaForCausalLM, through the HF checkpoint layout (checkpoint.py)."""
     from transformers import LlamaForCausalLM
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(f"{tmp}/hf")
+        checkpoint.save_model(model, f"{tmp}/hf")
         hf = LlamaForCausalLM.from_pretrained(f"{tmp}/hf", dtype=dtype)
     return hf.to(device).eval()
 
@@ -49,7 +54,7 @@ def sync(device):
 
 
 def ours(model, prompts, n, compile, greedy=False):
-    return sample.generate(model, prompts.tolist(), stop_ids=(), max_new_tokens=n,
+    return generate.generate(model, prompts.tolist(), stop_ids=(), max_new_tokens=n,
                            temperature=0.0 if greedy else 0.7, top_p=0.9,
                            repetition_penalty=1.2, penalize_prompt=True, compile=compile,
                            keep_cache=compile, generator=torch.Generator(prompts.device).manual_seed(0))
