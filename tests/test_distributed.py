@@ -1,6 +1,8 @@
 """distributed.py's FSDP2 model as train.py builds it, in this process (gloo, one rank): what the
 mixed-precision policy does to the blocks' inputs and to the gradients."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -60,7 +62,8 @@ def test_gpu_process_groups_carry_a_cpu_backend_for_offloaded_gradients(monkeypa
     monkeypatch.setattr(dist, "init_process_group", lambda backend: asked.append(backend))
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "get_world_size", lambda: 1)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    monkeypatch.setattr(os, "environ", env)  # setup_distributed writes a group of one here
     device, _, _ = distributed.setup_distributed("cuda")
     assert asked == ["cuda:nccl,cpu:gloo"] and device == torch.device("cuda:0")
