@@ -214,9 +214,11 @@ def packed_forward_backward(model, tokens, targets, cu_seqlens, use_kernels):
     os.environ["LIMA_KERNELS"] = "triton" if use_kernels else "torch"
     try:
         model.zero_grad(set_to_none=True)
-        logits, loss = model(tokens, targets, cu_seqlens=cu_seqlens, reduction="sum")
+        loss = model(tokens, targets, cu_seqlens=cu_seqlens, reduction="sum")  # the training path
         loss.backward()
-        return [logits.detach()] + [p.grad.detach() for p in model.parameters()]
+        with torch.no_grad():
+            logits = model(tokens, cu_seqlens=cu_seqlens)
+        return [logits] + [p.grad.detach() for p in model.parameters()]
     finally:
         os.environ.pop("LIMA_KERNELS", None)
 
