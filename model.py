@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 import kernels
 
@@ -228,7 +228,7 @@ def chunked_cross_entropy(h, weight, targets, chunk_logits=None):
     losses = []
     for hs, ts in zip(h.split(chunk), targets.split(chunk)):
         if recompute:
-            losses.append(checkpoint(_head_losses, hs, weight, ts, use_reentrant=False))
+            losses.append(activation_checkpoint(_head_losses, hs, weight, ts, use_reentrant=False))
         else:
             losses.append(_head_losses(hs, weight, ts))
     return torch.cat(losses)

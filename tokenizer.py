@@ -52,8 +52,8 @@ TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+")  # the first line of su
 # tiktoken's regex overflows its stack on very long runs; Meta's tokenizer splits them first
 TIKTOKEN_MAX_CHARS, TIKTOKEN_MAX_RUN = 400_000, 25_000
 
-FORMATS = ("a SentencePiece model (LLaMA 1 / Llama 2 tokenizer.model), a Hugging Face "
-           "tokenizer.json, or a tiktoken BPE file (Meta's Llama 3 tokenizer.model)")
+FORMATS = ("not a SentencePiece model (LLaMA 1 / Llama 2's tokenizer.model), not a Hugging Face "
+           "tokenizer.json, not a tiktoken BPE file (Meta's Llama 3 tokenizer.model)")
 
 
 class Tokenizer:
@@ -266,8 +266,8 @@ def load_tokenizer(path):
     try:
         return SentencePieceTokenizer(path)
     except ValueError:
-        raise ValueError(f"{path}: not a tokenizer this project reads: neither {FORMATS}. Pass "
-                         f"the tokenizer file that came with the LLaMA weights.") from None
+        raise ValueError(f"{path}: not a tokenizer this project reads: {FORMATS}. Pass the "
+                         f"tokenizer file that came with the LLaMA weights.") from None
 
 
 def _check_file(path):

@@ -43,6 +43,7 @@ import files
 from config import DTYPES, parse_config
 from distributed import log
 from generate import respond
+from model import PRESETS as MODEL_PRESETS
 from model import IGNORE_INDEX, Transformer, init_untrained_row, mean_rows, model_args
 from tokenizer import Tokenizer, load_tokenizer
 
@@ -50,8 +51,8 @@ from tokenizer import Tokenizer, load_tokenizer
 @dataclass
 class TrainConfig:
     """Fine-tune a LLaMA on LIMA-format data prepared by prepare_data.py."""
-    init_from: str = field(default="", metadata={"help": "base model dir (Meta or HF layout, or one of ours); empty: from scratch"})
-    model: str = field(default="debug", metadata={"help": "model.PRESETS entry when training from scratch"})
+    init_from: str = field(default="", metadata={"help": "base model dir (Meta or HF layout, or one of ours): LLaMA 1, Llama 2, Llama 3.x; empty: from scratch"})
+    model: str = field(default="debug", metadata={"help": f"model preset when training from scratch: {', '.join(MODEL_PRESETS)}"})
     data_dir: str = field(default="data/lima", metadata={"help": "output of prepare_data.py"})
     out_dir: str = field(default="out/lima", metadata={"help": "checkpoints, resume state, metrics.jsonl, dev generations"})
     # LIMA §3: "15 epochs using AdamW with β1 = 0.9, β2 = 0.95, and weight decay of 0.1.
@@ -201,7 +202,7 @@ def source_weights(cfg, args, add_eot, eot_id):
         torch.manual_seed(cfg.seed)
         scratch = Transformer(args)
         scratch.init_weights()
-        yield from scratch.state_dict().items()
+        yield from ((name, p.detach()) for name, p in scratch.named_parameters())  # tied: once
         return
     for name, tensor in checkpoint.iter_weights(cfg.init_from):
         if name in ("tok_embeddings.weight", "output.weight"):  # one name only when tied

@@ -272,7 +272,9 @@ def synthetic_split(lengths, vocab_size, seed):
 def run_steps(cfg, args, split, steps, batch_size, device, before_step=None):
     """train.py's path: build_model (FSDP2, mixed precision), make_optimizer, then train_step
     on its packed micro-batches. Returns per-step (loss, grad_norm, seconds, tokens)."""
-    model = distributed.build_model(cfg, args, train.source_weights(cfg, args, False), device)
+    # the vocabulary already holds its EOT (the last id), as a fine-tuned checkpoint's does
+    weights = train.source_weights(cfg, args, add_eot=False, eot_id=args.vocab_size - 1)
+    model = distributed.build_model(cfg, args, weights, device)
     optimizer = train.make_optimizer(model, cfg)
     supervised = train.supervised_counts(split)
     torch.manual_seed(cfg.seed)  # the same dropout masks for every run of this function

@@ -254,15 +254,16 @@ def sentence(rng, lo, hi):
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
 
 
-def run_train(base_path, data_dir, out, nproc=1):
+def run_train(base_path, data_dir, out, *flags, nproc=1, epochs=1):
     cmd = [sys.executable, os.path.join(ROOT, "train.py")]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(29500 + random.Random(str(out)).randint(1001, 2000)),
                os.path.join(ROOT, "train.py")]
     cmd += ["--init_from", str(base_path), "--data_dir", str(data_dir), "--out_dir", str(out),
-            "--epochs", "1", "--batch_size", "4", "--save_epochs", "1", "--resid_dropout", "0",
-            "--lr", "1e-3", "--min_lr", "1e-4", "--dev_max_new_tokens", "4", "--micro_batch_tokens", "64"]
+            "--epochs", str(epochs), "--batch_size", "4", "--save_epochs", str(epochs),
+            "--resid_dropout", "0", "--lr", "1e-3", "--min_lr", "1e-4", "--dev_max_new_tokens", "4",
+            "--micro_batch_tokens", "64", *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -270,19 +271,27 @@ def run_train(base_path, data_dir, out, nproc=1):
         return [json.loads(line) for line in f]
 
 
-def test_prepare_train_save_and_transformers_loads_it(base, tmp_path):
+@pytest.fixture(scope="module")
+def prepared(base, tmp_path_factory):
+    """LIMA-format conversations prepared with the base's folder as --tokenizer."""
+    d = tmp_path_factory.mktemp("data")
     rng = random.Random(0)
-    with open(tmp_path / "train.jsonl", "w") as f:
-        for _ in range(10):  # 8 train + 2 dev: two steps of 4 make the one epoch
+    with open(d / "train.jsonl", "w") as f:
+        for _ in range(10):  # 8 train + 2 dev: two steps of 4 make an epoch
             f.write(json.dumps({"conversations": [sentence(rng, 2, 8), sentence(rng, 3, 12)]}) + "\n")
-    meta = prepare_data.main(["--train", str(tmp_path / "train.jsonl"), "--tokenizer", str(base["path"]),
-                              "--out_dir", str(tmp_path / "data"), "--dev_size", "2", "--seed", "0"])
+    meta = prepare_data.main(["--train", str(d / "train.jsonl"), "--tokenizer", str(base["path"]),
+                              "--out_dir", str(d / "data"), "--dev_size", "2", "--seed", "0"])
+    return d / "data", meta
+
+
+def test_prepare_train_save_and_transformers_loads_it(base, prepared, tmp_path):
+    data_dir, meta = prepared
     assert meta["tokenizer"] == str(base["path"] / "tokenizer.json")  # the folder's file
     assert (meta["bos_id"], meta["eot_id"], meta["vocab_size"]) == (BOS, EOT, VOCAB)  # no added row
-    tokens, mask = data.load_split(tmp_path / "data", "train").example(0)
+    tokens, mask = data.load_split(data_dir, "train").example(0)
     assert tokens[0] == BOS and tokens[-1] == EOT and (tokens == EOT).sum() == 2
 
-    records = run_train(base["path"], tmp_path / "data", tmp_path / "out")
+    records = run_train(base["path"], data_dir, tmp_path / "out")
     assert [r["step"] for r in records] == [0, 1] and all(np.isfinite(r["loss"]) for r in records)
     saved = tmp_path / "out" / "epoch_01"
     config = json.loads((saved / "config.json").read_text())
@@ -303,8 +312,19 @@ def test_prepare_train_save_and_transformers_loads_it(base, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(saved).convert_tokens_to_ids("<|eot_id|>") == EOT
 
     if base["tied"]:  # the tied weight sharded over two ranks trains as on one
-        two = run_train(base["path"], tmp_path / "data", tmp_path / "out2", nproc=2)
+        two = run_train(base["path"], data_dir, tmp_path / "out2", nproc=2)
         assert np.allclose([r["loss"] for r in two], [r["loss"] for r in records], rtol=1e-4, atol=0)
+
+
+def test_tied_head_resumes_as_if_never_stopped(base, prepared, tmp_path):
+    if not base["tied"]:
+        pytest.skip("tests/test_train.py resumes an untied model")
+    data_dir, _ = prepared
+    whole = run_train(base["path"], data_dir, tmp_path / "whole", "--resid_dropout", "0.3", epochs=2)
+    run_train(base["path"], data_dir, tmp_path / "resumed", "--resid_dropout", "0.3", "--max_steps", "2", epochs=2)
+    resumed = run_train(base["path"], data_dir, tmp_path / "resumed", "--resid_dropout", "0.3", "--resume", epochs=2)
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    assert np.allclose([r["loss"] for r in resumed], [r["loss"] for r in whole], rtol=1e-6, atol=0)
 
 
 def test_save_from_meta_keeps_the_tiktoken_file(tmp_path, llama3_tokenizer_files):

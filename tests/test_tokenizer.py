@@ -174,3 +174,14 @@ def test_llama3_errors_name_the_file_and_what_to_do(tmp_path, monkeypatch, llama
         with pytest.raises(ValueError, match=rf"needs the `{package}` package: pip install {package}"):
             load_tokenizer(llama3_tokenizer_files[kind])
         monkeypatch.undo()
+
+
+def test_long_runs_are_cut_before_tiktoken_as_metas_tokenizer_does(llama3):
+    import re
+    from tokenizer import TIKTOKEN_MAX_RUN, _split_long_runs
+    toks, _ = llama3
+    text = "ab" * 30000 + "  c" + " " * 30000 + "d e"
+    pieces = list(_split_long_runs(text))
+    assert "".join(pieces) == text and len(pieces) == 4
+    assert max(len(run) for p in pieces for run in re.findall(r"\s+|\S+", p)) <= TIKTOKEN_MAX_RUN
+    assert toks["tiktoken"].decode(toks["tiktoken"].encode(text)) == text

@@ -254,3 +254,39 @@ def test_logits_memory_is_one_loss_slice_whatever_the_vocabulary():
             plan = distributed.memory_plan(cfg, M.model_args("llama3.1-8B", vocab_size=vocab), 8, gpu, 2048,
                                            capacity=10**15)
             assert plan["logits (one loss slice)"] <= bound  # whole fp32 logits: 3-60 GB here
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_sliced_loss_under_fsdp2_equals_unsliced(tmp_path, monkeypatch, tied):
+    # train.py's model (FSDP2, blocks recomputed) with the loss in 7-token slices, each made
+    # again in the backward: the same loss and gradients as in one piece; a tied head's two
+    # uses add into its one sharded gradient
+    import torch.distributed as dist
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs a fresh torch.distributed")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        cfg = train.TrainConfig(activation_checkpointing=True, resid_dropout=0.0)
+        args = M.model_args("debug", vocab_size=300, tie_embeddings=tied)
+        x = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+        y = x.roll(-1, 1)
+        y[0, :9] = IGNORE_INDEX
+        cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+
+        def loss_and_grads():
+            model = distributed.build_model(cfg, args, train.source_weights(cfg, args, False, 299), torch.device("cpu"))
+            assert (model.output.weight is model.tok_embeddings.weight) == tied
+            loss = model(x, y, cu_seqlens=cu, reduction="sum")
+            loss.backward()
+            return loss.item(), {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+
+        whole, whole_grads = loss_and_grads()
+        monkeypatch.setattr(M, "LOSS_CHUNK_LOGITS", 7 * 300)
+        sliced, sliced_grads = loss_and_grads()
+        assert sliced == pytest.approx(whole, rel=1e-6)
+        assert sliced_grads.keys() == whole_grads.keys()
+        assert ("output.weight" in whole_grads) != tied  # one parameter when tied
+        for name, g in whole_grads.items():
+            assert (sliced_grads[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+    finally:
+        dist.destroy_process_group()
