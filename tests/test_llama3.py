@@ -225,7 +225,8 @@ def test_greedy_sample_equals_transformers_generate(base, capsys):
 
 # ---- the EOT row: Llama 3's own, never added; trained where the base never trained it ----------
 
-def test_untrained_eot_row_starts_as_the_mean_of_the_trained_rows(base, tmp_path):
+def test_untrained_eot_row_starts_as_the_mean_of_the_trained_rows(base, tmp_path, capsys,
+                                                                   llama3_tokenizer_files):
     hf = make_hf(**STYLES["3.2" if base["tied"] else "3.1"])
     with torch.no_grad():  # Llama 3 base models ship <|eot_id|> and the reserved tokens as zeros
         for row in (EOT, EOT + 1, EOT + 2):
@@ -241,6 +242,13 @@ def test_untrained_eot_row_starts_as_the_mean_of_the_trained_rows(base, tmp_path
         trained = [i for i in range(VOCAB) if i not in (EOT, EOT + 1, EOT + 2)]
         torch.testing.assert_close(w[EOT], w[trained].mean(0), atol=1e-6, rtol=0)
         assert w[EOT + 1].abs().max() == 0  # only the EOT is touched
+    # such a base answers in plain completion only: the chat format would never stop
+    flags = ["--checkpoint", cfg.init_from, "--prompt", "tea", "--temperature", "0", "--max_new_tokens", "3"]
+    add_tokenizer_json(tmp_path / "zero", llama3_tokenizer_files)
+    with pytest.raises(SystemExit):
+        sample.main(flags)
+    assert f"end-of-turn token (id {EOT}) was never trained" in capsys.readouterr().err
+    sample.main(flags + ["--raw"])
     # a trained EOT row is left as it is
     cfg = train.TrainConfig(init_from=str(base["path"]))
     for name, w in train.source_weights(cfg, checkpoint.load_args(cfg.init_from), False, EOT):
