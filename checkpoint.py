@@ -5,8 +5,12 @@ Reading, `load_model(path)`: the layout is detected from the files,
   one tensor at a time), tokenizer.model beside them or in the parent folder;
 - Hugging Face: config.json + model.safetensors, model-*.safetensors with
   model.safetensors.index.json, or pytorch_model*.bin (+ pytorch_model.bin.index.json);
+  tokenizer.model or tokenizer.json beside them;
 - ours: the Hugging Face layout plus lima.json (our extras: EOT id, training config).
 Every tensor comes out under Meta's name and in Meta's q/k row order, whatever the source.
+LLaMA 1, Llama 2 and Llama 3.x: grouped-query attention, RoPE theta, Llama 3.1's "llama3" RoPE
+scaling, an explicit head_dim and Llama 3.2's tied embeddings are read from the files; anything
+else a config asks for (other RoPE scalings, biases, other model types) is refused by name.
 
 Memory: the model is built on the meta device (no random-init copy), files are opened lazily
 (torch.load(mmap=True), safetensors' safe_open), and each parameter is assigned the tensor
@@ -18,6 +22,7 @@ llama.cpp's converter read it as it is. Written into a temporary directory besid
 fsync'd, then renamed into place: out_dir is never half-written.
 """
 
+import dataclasses
 import errno
 import json
 import os
@@ -33,8 +38,9 @@ from safetensors.torch import save_file
 
 import files
 from generate import Decoding
-from model import ModelArgs, Transformer
-from tokenizer import Tokenizer
+from model import ModelArgs, RopeScaling, Transformer
+from tokenizer import (HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer,
+                       find_tokenizer_file, load_tokenizer)
 
 META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -141,41 +147,87 @@ def load_args(path):
 def _meta_args(path):
     file = os.path.join(path, "params.json")
     p = _read_json(file)
-    if p.get("use_scaled_rope"):
-        raise ValueError(f"{file}: use_scaled_rope (Llama 3.1 RoPE scaling) is not implemented; "
-                         f"this project reads LLaMA 1 and Llama 2 checkpoints.")
+    unsupported = [k for k in p if k.startswith(("vision", "moe")) or k in ("quantization_args", "lora_args")]
+    if unsupported:
+        raise ValueError(f"{file}: {', '.join(unsupported)}: not a plain LLaMA (vision, mixture of "
+                         f"experts or quantized weights); this project fine-tunes text LLaMAs.")
     if "norm_eps" not in p:  # read it, never assume it: LLaMA 1 uses 1e-6, 65B and Llama 2 1e-5
         raise ValueError(f"{file}: has no norm_eps. Use the params.json that came with the weights.")
+    shards = _meta_shards(path)
     vocab = p.get("vocab_size", -1)
-    if vocab <= 0:  # Meta writes -1: the vocabulary is the embedding's row count
-        vocab = _meta_vocab(_meta_shards(path)[0])
-    return ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+    if vocab <= 0:  # Meta writes -1 for LLaMA 1 / 2: the vocabulary is the embedding's row count
+        vocab = _meta_vocab(shards[0])
+    scaling, context = None, p.get("max_seq_len", ModelArgs.max_seq_len)
+    if p.get("use_scaled_rope"):
+        # Llama 3.1+: Meta's reference applies fixed values (factor 8, low 1, high 4, original
+        # context 8192) whenever use_scaled_rope is set, for 3.2 too, whose Hugging Face
+        # config.json says factor 32; newer params.json files may carry the two factors.
+        scaling = RopeScaling(factor=p.get("rope_scaling_factor", 8.0),
+                              high_freq_factor=p.get("rope_high_freq_factor", 4.0))
+        context = p.get("max_seq_len", 131072)  # Llama 3.1's context (transformers' converter)
+    args = ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
                      n_kv_heads=p.get("n_kv_heads"), vocab_size=vocab,
                      multiple_of=p.get("multiple_of", 256),
                      ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=p["norm_eps"],
-                     rope_theta=p.get("rope_theta", 10000.0),
-                     max_seq_len=p.get("max_seq_len", ModelArgs.max_seq_len))
+                     rope_theta=p.get("rope_theta", 10000.0), rope_scaling=scaling,
+                     max_seq_len=context)
+    args.tie_embeddings = _meta_tied(shards, args)
+    return args
 
 
 def _meta_vocab(shard0):
-    # tok_embeddings is split on dim 1 (features), so every shard has all the rows; with
-    # mmap, reading its shape touches no weight data
+    # LLaMA 1 / 2 split tok_embeddings on dim 1 (features), so every shard has all the rows;
+    # with mmap, reading its shape touches no weight data
     weights = _torch_load(shard0)
     if "tok_embeddings.weight" not in weights:
         raise ValueError(f"{shard0}: no tok_embeddings.weight; not a LLaMA checkpoint shard.")
     return weights["tok_embeddings.weight"].shape[0]
 
 
+def _meta_tied(shards, args):
+    """Meta's params.json does not say whether the output head is the embedding: Llama 3.2 1B
+    and 3B's shards store output.weight as an exact copy of tok_embeddings.weight (Meta's
+    reference loads the two separately; transformers' converter ties them, as do we). Tied:
+    output.weight absent, or equal to the embedding in every shard. The first rows are compared
+    first, so an untied model costs nothing; a tied one reads both tensors once (mmap)."""
+    weights = [_torch_load(f) for f in shards]
+    if "output.weight" not in weights[0]:
+        return True
+    for w in weights:
+        out, emb = w["output.weight"], w.get("tok_embeddings.weight")
+        if emb is None or out.shape != emb.shape or not torch.equal(out[:1], emb[:1]):
+            return False
+        if not torch.equal(out, emb):
+            return False
+    return True
+
+
 def _hf_args(file):
     c = _read_json(file)
     _check_hf_config(c, file)
-    rope = c.get("rope_parameters") or {}  # transformers >= 5 moves rope_theta in here
+    rope = _hf_rope(c)
+    scaling = None
+    if rope.get("rope_type", rope.get("type")) == "llama3":
+        scaling = RopeScaling(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                              high_freq_factor=rope["high_freq_factor"],
+                              original_max_position_embeddings=rope["original_max_position_embeddings"])
+    head_dim = c.get("head_dim")
+    if head_dim == c["hidden_size"] // c["num_attention_heads"]:
+        head_dim = None  # the usual width: nothing to record
     return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
                      n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads"),
                      vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"],
                      norm_eps=c.get("rms_norm_eps", 1e-6),  # LlamaConfig's own default
                      rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                     rope_scaling=scaling, head_size=head_dim,
+                     tie_embeddings=bool(c.get("tie_word_embeddings", False)),
                      max_seq_len=c.get("max_position_embeddings", ModelArgs.max_seq_len))
+
+
+def _hf_rope(c):
+    """The RoPE settings: `rope_scaling` (+ `rope_theta`) as Meta's configs and transformers < 5
+    write them, or transformers >= 5's `rope_parameters` (theta inside)."""
+    return c.get("rope_scaling") or c.get("rope_parameters") or {}
 
 
 def _check_hf_config(c, file):
@@ -187,17 +239,19 @@ def _check_hf_config(c, file):
         problems.append(f"hidden_act {c['hidden_act']!r} (SwiGLU needs silu)")
     if c.get("attention_bias") or c.get("mlp_bias"):
         problems.append("biases in attention or MLP")
-    if c.get("tie_word_embeddings"):
-        problems.append("tied input and output embeddings (LLaMA's are untied)")
-    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        problems.append(f"RoPE scaling {rope}")
-    head_dim = c.get("head_dim")
-    if head_dim is not None and head_dim * c["num_attention_heads"] != c["hidden_size"]:
-        problems.append(f"head_dim {head_dim} != hidden_size / num_attention_heads")
+    rope = _hf_rope(c)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        problems.append(f"RoPE scaling of type {kind!r} (implemented: none, and 'llama3')")
+    elif kind == "llama3":
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
+                               "original_max_position_embeddings") if k not in rope]
+        if missing:
+            problems.append(f"'llama3' RoPE scaling without {', '.join(missing)}")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"partial_rotary_factor {rope['partial_rotary_factor']}")
     if problems:
-        raise ValueError(f"{file}: not a plain LLaMA model this project implements: "
-                         f"{'; '.join(problems)}.")
+        raise ValueError(f"{file}: not a LLaMA this project implements: {'; '.join(problems)}.")
 
 
 def expected_shapes(args):
@@ -277,8 +331,10 @@ def iter_weights(path, args=None):
     args = args or load_args(path)
     expected = expected_shapes(args)
     seen, files = set(), []
-    source = _iter_meta(path) if detect_layout(path) == "meta" else _iter_hf(path, args)
+    source = _iter_meta(path, args) if detect_layout(path) == "meta" else _iter_hf(path, args)
     for name, tensor, where in source:
+        if args.tie_embeddings and name == "output.weight":
+            continue  # tied: it is tok_embeddings.weight (Meta's shards store a copy, HF's usually none)
         if name not in expected or name in seen:
             raise ValueError(f"{where}: {'repeated' if name in seen else 'unexpected'} tensor "
                              f"{name!r}. This loader reads LLaMA checkpoints only; check that "
@@ -301,12 +357,13 @@ def iter_weights(path, args=None):
 
 
 # Meta's model-parallel split: column-parallel matrices are cut along their output
-# rows (dim 0), row-parallel ones and the embedding along dim 1; norms are replicated.
+# rows (dim 0), row-parallel ones along dim 1; norms are replicated. The embedding is cut along
+# dim 1 (features) in LLaMA 1 / 2 and along dim 0 (vocabulary) in Llama 3: see _iter_meta.
 META_CAT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
                 "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 
-def _iter_meta(path):
+def _iter_meta(path, args):
     files = _meta_shards(path)
     shards = [_torch_load(f) for f in files]  # mmap: nothing is read yet
     where = files[0] if len(files) == 1 else f"{path} ({len(files)} consolidated shards)"
@@ -322,6 +379,8 @@ def _iter_meta(path):
         key = name.removesuffix(".weight").split(".")[-1]
         if len(pieces) == 1 or key not in META_CAT_DIM:
             tensor = pieces[0]  # one shard: the mmap'd tensor itself, no copy; norms: shard 0
+        elif key == "tok_embeddings" and pieces[0].shape[1] == args.dim:
+            tensor = torch.cat(pieces, dim=0)  # Llama 3's vocabulary-parallel embedding
         else:
             tensor = torch.cat(pieces, dim=META_CAT_DIM[key])
         yield name, tensor, where
@@ -375,6 +434,7 @@ def load_model(path, dtype=torch.float32, device="cpu", **arg_overrides):
         module_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(module_name), leaf,
                 nn.Parameter(tensor.to(device=device, dtype=dtype)))
+    model.tie_weights()  # a tied output head shares the embedding just assigned
     # iter_weights has checked that every parameter came exactly once; this guards the guard
     left = [name for name, p in model.named_parameters() if p.is_meta]
     assert not left, f"{path}: never filled: {left}"
@@ -382,13 +442,13 @@ def load_model(path, dtype=torch.float32, device="cpu", **arg_overrides):
 
 
 def find_tokenizer(path):
-    """tokenizer.model in the checkpoint directory, or in its parent (Meta's download puts it
-    beside the 7B/ folder), or None."""
+    """The tokenizer file of a checkpoint: tokenizer.model or tokenizer.json in its directory,
+    or in the parent (Meta's LLaMA 1 download puts tokenizer.model beside the 7B/ folder), or None."""
     path = os.fspath(path)
     for folder in (path, os.path.dirname(os.path.abspath(path))):
-        candidate = os.path.join(folder, "tokenizer.model")
-        if os.path.isfile(candidate):
-            return candidate
+        found = find_tokenizer_file(folder)
+        if found is not None:
+            return found
     return None
 
 
@@ -398,9 +458,9 @@ def load_model_and_tokenizer(path, tokenizer_path=None, dtype=torch.float32, dev
     weights are read."""
     tokenizer_path = tokenizer_path or find_tokenizer(path)
     if tokenizer_path is None:
-        raise FileNotFoundError(f"{path}: no tokenizer.model in this directory or its parent. "
-                                f"Pass tokenizer_path= (the tokenizer.model of these weights).")
-    tok = Tokenizer(tokenizer_path)
+        raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json in this directory or "
+                                f"its parent. Pass tokenizer_path= (the tokenizer file of these weights).")
+    tok = load_tokenizer(tokenizer_path)
     tok.check_model_vocab(load_args(path).vocab_size, path)
     return load_model(path, dtype=dtype, device=device, **arg_overrides), tok
 
@@ -431,7 +491,7 @@ def save_hf(out_dir, args, named_tensors, tokenizer_path=None, extra=None,
     _check_replaceable(out_dir)
     bos, eos, eot = 1, 2, (extra or {}).get("eot_id")  # LLaMA's ids
     if tokenizer_path is not None:
-        tok = Tokenizer(tokenizer_path)
+        tok = load_tokenizer(tokenizer_path)
         tok.check_model_vocab(args.vocab_size, out_dir)
         bos, eos = tok.bos_id, tok.eos_id
         eot = tok.eot_id if args.vocab_size == tok.vocab_size else None
@@ -441,7 +501,7 @@ def save_hf(out_dir, args, named_tensors, tokenizer_path=None, extra=None,
         files.write_json(os.path.join(tmp, "config.json"), hf_config(args, torch_dtype, bos, eos))
         files.write_json(os.path.join(tmp, "generation_config.json"), generation_config(bos, eos, eot))
         if tokenizer_path is not None:
-            _write_tokenizer(tmp, tokenizer_path, tok, eot)
+            _write_tokenizer(tmp, tok, eot)
         files.write_json(os.path.join(tmp, "lima.json"), extra or {})
         files.swap_dir(tmp, out_dir)
     except BaseException as e:
@@ -481,6 +541,8 @@ def _write_shards(tmp, args, named_tensors, max_shard_bytes, dtype):
         current, current_bytes = {}, 0
 
     for name, tensor in named_tensors:
+        if args.tie_embeddings and name == "output.weight":
+            continue  # tied: HF stores the one tensor as model.embed_tokens, no lm_head
         if expected.get(name) != tuple(tensor.shape) or name in seen:
             raise ValueError(f"cannot save {name!r} with shape {tuple(tensor.shape)}: the model "
                              f"args say {expected.get(name, 'no such parameter')}"
@@ -529,9 +591,12 @@ def hf_config(args: ModelArgs, torch_dtype, bos_id=1, eos_id=2):
         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len,
-        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": None,
+        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        # the spelling Meta's Llama 3.1+ configs use, read by transformers 4 and 5, vLLM, llama.cpp
+        "rope_scaling": None if args.rope_scaling is None else
+        {"rope_type": "llama3", **dataclasses.asdict(args.rope_scaling)},
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "tie_word_embeddings": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
+        "tie_word_embeddings": args.tie_embeddings, "bos_token_id": bos_id, "eos_token_id": eos_id,
         "initializer_range": 0.02, "use_cache": True,
         "torch_dtype": dtype_name, "dtype": dtype_name,  # transformers < 5 and >= 5 spellings
     }
@@ -546,19 +611,44 @@ def generation_config(bos_id, eos_id, eot_id=None):
             "repetition_penalty": d.repetition_penalty}
 
 
-def _write_tokenizer(tmp, tokenizer_path, tok, eot):
-    """tokenizer.model as it is, plus the EOT token where the model's vocabulary has it:
-    added_tokens.json is what llama.cpp's converter reads, tokenizer_config.json what
-    transformers reads (marking it special, so decode can skip it)."""
-    shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-    files.fsync(os.path.join(tmp, "tokenizer.model"))
-    piece = tok.sp.IdToPiece
-    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-              "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
-              "unk_token": piece(tok.sp.unk_id()), "added_tokens_decoder": {}}
-    if eot is not None:
+def _write_tokenizer(tmp, tok, eot):
+    """The base's tokenizer files, so that transformers, vLLM and llama.cpp read the tokenizer
+    as they read the base's: tokenizer.model as it is; a tokenizer.json with the
+    tokenizer_config.json and special_tokens_map.json beside it. Where the EOT is a new id
+    (LIMA §3, not in the base), it is recorded: added_tokens.json is what llama.cpp's converter
+    reads, tokenizer_config.json what transformers reads (marking it special, so decode can
+    skip it). Llama 3's EOT is its own <|eot_id|>: nothing to add."""
+    def copy(src, name):
+        shutil.copyfile(src, os.path.join(tmp, name))
+        files.fsync(os.path.join(tmp, name))
+
+    if isinstance(tok, TiktokenTokenizer):
+        copy(tok.path, "tokenizer.model")  # Meta's Llama 3 layout: the tiktoken file alone
+        return
+    if isinstance(tok, SentencePieceTokenizer):
+        copy(tok.path, "tokenizer.model")
+        piece = tok.sp.IdToPiece
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                  "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
+                  "unk_token": piece(tok.sp.unk_id()), "added_tokens_decoder": {}}
+    else:
+        assert isinstance(tok, HFTokenizer), type(tok)
+        copy(tok.path, "tokenizer.json")
+        folder = os.path.dirname(os.path.abspath(tok.path))
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(folder, name)):
+                copy(os.path.join(folder, name), name)
+        if os.path.isfile(os.path.join(tmp, "tokenizer_config.json")):
+            if not (eot is not None and tok.adds_eot):
+                return  # the base's own, unchanged
+            config = _read_json(os.path.join(tmp, "tokenizer_config.json"))
+        else:  # a bare tokenizer.json: say which tokens are BOS and EOS
+            config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                      "bos_token": tok.tok.id_to_token(tok.bos_id),
+                      "eos_token": tok.tok.id_to_token(tok.eos_id)}
+    if eot is not None and tok.adds_eot:
         files.write_json(os.path.join(tmp, "added_tokens.json"), {EOT_PIECE: eot})
-        config["added_tokens_decoder"][str(eot)] = {
+        config.setdefault("added_tokens_decoder", {})[str(eot)] = {
             "content": EOT_PIECE, "special": True, "normalized": False,
             "lstrip": False, "rstrip": False, "single_word": False}
     files.write_json(os.path.join(tmp, "tokenizer_config.json"), config)

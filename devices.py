@@ -37,18 +37,23 @@ def choose_devices(device, args, dtype, rows, context):
 def placement_plan(args, devices):
     """{module name: device} for tok_embeddings, layers.0 .. layers.{L-1}, norm, output:
     contiguous runs balanced by parameter count (a module goes to the device whose share of the
-    total holds its midpoint). The output head sits with the final norm on the last device."""
+    total holds its midpoint). The output head sits with the final norm on the last device; a
+    tied embedding (Llama 3.2) is the head's weight, so it sits there too and tokens go in there."""
     with torch.device("meta"):
         model = Transformer(args)  # shapes only
     parts = [("tok_embeddings", model.tok_embeddings)]
     parts += [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
     parts += [("norm", model.norm), ("output", model.output)]
     sizes = [sum(p.numel() for p in m.parameters()) for _, m in parts]
+    if args.tie_embeddings:
+        sizes[0] = 0  # one weight, counted with the output head
     total, n, cum, plan = sum(sizes), len(devices), 0, {}
     for (name, _), size in zip(parts, sizes):
         plan[name] = devices[min(n - 1, int(n * (cum + size / 2) / total))]
         cum += size
     plan["norm"] = plan["output"]
+    if args.tie_embeddings:
+        plan["tok_embeddings"] = plan["output"]
     return plan
 
 
@@ -82,4 +87,5 @@ def load_placed(path, plan, dtype):
         device = next(d for part, d in plan.items() if name == part or name.startswith(part + "."))
         setattr(model.get_submodule(module_name), leaf,
                 nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+    model.tie_weights()
     return place_model(model, plan)

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 import checkpoint
 import config
-from model import Transformer
+from model import LOSS_CHUNK_LOGITS, Transformer
 
 
 def setup_distributed(device):
@@ -79,9 +79,14 @@ def build_model(cfg, args, weights, device):
         kw["offload_policy"] = CPUOffloadPolicy()
     for block in model.layers:
         fully_shard(block, **kw)
+    # the root unit holds tok_embeddings, norm and output: a tied embedding / head (Llama 3.2)
+    # is one parameter of it, sharded once, stepped once by the optimizer
     fully_shard(model, **kw)
     model.to_empty(device="cpu" if cfg.cpu_offload else device)
-    expected = dict(model.named_parameters())
+    if args.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
+        raise RuntimeError("FSDP untied the output head from the embedding; this torch version "
+                           "does not keep shared parameters shared")
+    expected = dict(model.named_parameters())  # a tied weight once, as tok_embeddings.weight
     seen = set()
     with torch.no_grad():
         for name, full in weights:
@@ -112,14 +117,20 @@ def compute_dtype(cfg, device):
 
 def memory_plan(cfg, args, world_size, device, max_len, capacity=None):
     """Bytes per GPU for the chosen options; printed at start, and a plan that cannot fit is
-    refused (capacity: bytes per GPU; read from the device on CUDA). Adam keeps two moments in the parameters' dtype; FSDP holds the shards plus about
-    two unsharded blocks (the current one and the prefetched next) in the compute dtype."""
+    refused (capacity: bytes per GPU; read from the device on CUDA). Adam keeps two moments in
+    the parameters' dtype; FSDP holds the shards plus about two unsharded blocks (the current one
+    and the prefetched next) and the root (embedding, output head) in the compute dtype. The
+    loss makes the logits one slice of tokens at a time (model.chunked_cross_entropy), so they
+    cost the same with LLaMA's 32,000-row vocabulary as with Llama 3's 128,256."""
     with torch.device("meta"):
-        n = Transformer(args).num_params()
+        model = Transformer(args)
+    n = model.num_params()  # a tied embedding / head counted once
+    block = sum(p.numel() for p in model.layers[0].parameters())  # GQA and head width included
+    root = n - block * args.n_layers  # embedding, final norm, output head
     pb = param_dtype(cfg).itemsize
     cb = compute_dtype(cfg, device).itemsize
-    block = 4 * args.dim * args.dim + 3 * args.dim * args.ffn_hidden  # a block's matrices
     tokens = max(cfg.micro_batch_tokens, max_len)
+    loss_slice = min(tokens, max(1, LOSS_CHUNK_LOGITS // args.vocab_size))  # tokens per slice
     # saved activations per token and layer, bytes: the inputs of the 7 matmuls, norms,
     # attention output and dropout masks; with checkpointing only each block's input is kept
     per_layer = cb * (10 * args.dim + 4 * args.ffn_hidden)
@@ -129,8 +140,10 @@ def memory_plan(cfg, args, world_size, device, max_len, capacity=None):
         "parameters (sharded)": on_gpu * n * pb / world_size,
         "gradients (sharded)": on_gpu * n * pb / world_size,
         "optimizer state (sharded)": on_gpu * 2 * n * pb / world_size,
-        "unsharded blocks (2)": 2 * block * cb + 2 * args.vocab_size * args.dim * cb,
-        "activations (est.)": tokens * kept + 3 * tokens * args.vocab_size * 4,  # + fp32 logits
+        "unsharded blocks (2) and root": 2 * block * cb + root * cb,
+        "activations (est.)": tokens * kept,
+        # one slice's logits in the compute dtype and fp32, and their gradient in fp32
+        "logits (one loss slice)": loss_slice * args.vocab_size * (cb + 4 + 4),
     }
     plan["total"] = sum(plan.values())
     lines = [f"memory plan per {'GPU' if device.type == 'cuda' else 'process'}: {n / 1e9:.2f}B "

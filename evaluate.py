@@ -62,7 +62,7 @@ class PairwiseConfig:
     seed: int = field(default=0, metadata={"help": "seeds each prompt's A/B order (recorded)"})
     judge_name: Optional[str] = field(default=None, metadata={"help": "recorded as 'judge'; default: --judge"})
     # judge model only
-    tokenizer: Optional[str] = field(default=None, metadata={"help": "judge's tokenizer.model if not in its directory"})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "judge's tokenizer file (tokenizer.model or tokenizer.json) if not in its directory"})
     max_new_tokens: int = field(default=256, metadata={"help": "judge's answer length (greedy, stops at EOT)"})
     batch_size: int = field(default=8, metadata={"help": "questions per judge forward pass"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto"})
@@ -77,7 +77,7 @@ class HelpfulnessConfig:
     judge: str = field(default="", metadata={"help": "checkpoint directory of the judge model"})
     out: str = field(default="", metadata={"help": "grades (JSON lines), appended as they are made; rerun to resume"})
     judge_name: Optional[str] = field(default=None, metadata={"help": "recorded as 'judge'; default: --judge"})
-    tokenizer: Optional[str] = field(default=None, metadata={"help": "judge's tokenizer.model if not in its directory"})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "judge's tokenizer file (tokenizer.model or tokenizer.json) if not in its directory"})
     max_new_tokens: int = field(default=512, metadata={"help": "room for the step-by-step reasoning before the score"})
     batch_size: int = field(default=8, metadata={"help": "questions per judge forward pass"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto"})

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from model import UNTRAINED
+
 
 @dataclass
 class Decoding:
@@ -274,11 +276,22 @@ def encode_prompt(tokenizer, turns, raw=False):
 
 
 def check_chat_model(model, tokenizer):
+    """A model that never learned the chat format would not know when to stop. Its EOT row
+    tells: missing (a LLaMA 1 / 2 base ends its vocabulary before it), or never trained (Llama 3
+    base models ship <|eot_id|> as zeros). The second is checked on whole weights only (not on
+    train.py's sharded model, whose EOT row was initialised before training)."""
     if model.args.vocab_size <= tokenizer.eot_id:
         raise PromptError(
             f"the model's vocabulary has {model.args.vocab_size} rows, the base tokenizer's size: "
             f"it has no end-of-turn token, so it is a base model that was never trained on the "
             f"chat format and would not know when to stop. Use --raw for plain completion.")
+    w = model.tok_embeddings.weight
+    if type(w) in (torch.Tensor, torch.nn.Parameter) and w[tokenizer.eot_id].abs().max() <= UNTRAINED:
+        raise PromptError(
+            f"the model's end-of-turn token (id {tokenizer.eot_id}) was never trained: its "
+            f"embedding is all zeros, as in Llama 3 base models. It is a base model that was never "
+            f"trained on the chat format and would not know when to stop. Use --raw for plain "
+            f"completion, or fine-tune it first.")
 
 
 def respond(model, tokenizer, conversations, *, raw=False, batch_size=16, generator=None,

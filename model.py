@@ -1,9 +1,12 @@
 """LLaMA, as LIMA fine-tunes it (LIMA §2; Touvron et al. 2023).
 
 Pre-norm decoder: RMSNorm, rotary position embeddings (Meta's interleaved pairs), SwiGLU
-feed-forward, no biases, untied embedding and output head. Parameter names are Meta's
-(`tok_embeddings`, `layers.{i}.attention.wq`, `feed_forward.w1`, `attention_norm`, `output`),
-so a Meta checkpoint loads with strict=True.
+feed-forward, no biases. Parameter names are Meta's (`tok_embeddings`, `layers.{i}.attention.wq`,
+`feed_forward.w1`, `attention_norm`, `output`), so a Meta checkpoint loads with strict=True.
+What later LLaMAs change is read from their files into ModelArgs: grouped-query attention
+(Llama 2 70B, Llama 3), RoPE theta and Llama 3.1's RoPE scaling, an explicit head width, and
+Llama 3.2's tied input embedding and output head (one Parameter, `output.weight` is
+`tok_embeddings.weight`).
 
 One forward serves three uses:
 - training on a packed batch: tokens (1, T) holding several examples, `cu_seqlens` marks
@@ -11,7 +14,9 @@ One forward serves three uses:
 - plain batches (B, T), every row one sequence from position 0;
 - decoding with a KV cache (`setup_cache`, then `input_pos`), as in gpt-fast.
 LIMA's one architectural addition is depth-scaled residual dropout (LIMA §3); its one addition
-to the vocabulary is the end-of-turn token (`add_tokens`, `mean_rows`).
+to the vocabulary is the end-of-turn token (`add_tokens`, `mean_rows`). With targets, the loss
+is computed over slices of tokens (`chunked_cross_entropy`), so the (tokens, vocab) logits never
+exist whole: 32 x 2048 tokens of Llama 3's 128,256-row vocabulary would be 33.6 GB in fp32.
 Loading and saving checkpoints is checkpoint.py's business.
 """
 
@@ -22,10 +27,22 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 import kernels
 
 IGNORE_INDEX = -100  # targets with this value do not count in the loss
+LOSS_CHUNK_LOGITS = 1 << 26  # logits per slice of the loss (256 MB in fp32), whatever the vocabulary
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's RoPE scaling (rope_type "llama3"): long wavelengths are stretched by `factor`,
+    short ones kept, the band between blended (`scaled_frequencies`)."""
+    factor: float = 8.0  # Llama 3.1 / 3.3: 8; Llama 3.2's config.json: 32
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192  # Llama 3's pretraining context
 
 
 @dataclass
@@ -39,13 +56,16 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None  # Llama-2 70B: 1.3
     hidden_dim: Optional[int] = None  # explicit SwiGLU width (HF's intermediate_size); None: derived
     norm_eps: float = 1e-6  # always read from params.json / config.json, never assumed
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # Llama 3: 500000
+    rope_scaling: Optional[RopeScaling] = None  # Llama 3.1, 3.2, 3.3
+    head_size: Optional[int] = None  # explicit per-head width (HF's head_dim); None: dim // n_heads
+    tie_embeddings: bool = False  # Llama 3.2 1B / 3B: the output head is the input embedding
     max_seq_len: int = 2048  # LIMA §3: 2048 tokens
     resid_dropout: float = 0.0  # p_max of the depth-scaled residual dropout (LIMA §3: 0.3)
 
     @property
     def head_dim(self):
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
 
     @property
     def kv_heads(self):
@@ -62,6 +82,8 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
+_LLAMA3 = dict(n_kv_heads=8, vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0,
+               max_seq_len=131072)
 PRESETS = {
     "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16,
                   max_seq_len=256),
@@ -77,6 +99,19 @@ PRESETS = {
     "llama2-13B": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-5, max_seq_len=4096),
     "llama2-70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
                        multiple_of=4096, norm_eps=1e-5, max_seq_len=4096),
+    # Llama 3.x: 128,256-token vocabulary (EOT included), 8 KV heads, theta 500000, RoPE scaling
+    # to a 131,072-token context; 3.2 ties the output head to the embedding (Meta's params.json
+    # and the Hugging Face config.json of each release)
+    "llama3.2-1B": dict(**_LLAMA3, dim=2048, n_layers=16, n_heads=32, multiple_of=256,
+                        ffn_dim_multiplier=1.5, rope_scaling=RopeScaling(factor=32.0),
+                        tie_embeddings=True),
+    "llama3.2-3B": dict(**_LLAMA3, dim=3072, n_layers=28, n_heads=24, multiple_of=256,
+                        ffn_dim_multiplier=1.0, rope_scaling=RopeScaling(factor=32.0),
+                        tie_embeddings=True),
+    "llama3.1-8B": dict(**_LLAMA3, dim=4096, n_layers=32, n_heads=32, multiple_of=1024,
+                        ffn_dim_multiplier=1.3, rope_scaling=RopeScaling()),
+    "llama3.3-70B": dict(**_LLAMA3, dim=8192, n_layers=80, n_heads=64, multiple_of=4096,
+                         ffn_dim_multiplier=1.3, rope_scaling=RopeScaling()),
 }
 
 
@@ -88,6 +123,26 @@ def mean_rows(weight, n=1):
     taken in fp32 and rounded once to the weight's dtype."""
     new = weight.float().mean(0, keepdim=True).to(weight.dtype).expand(n, -1)
     return torch.cat([weight.detach(), new])
+
+
+UNTRAINED = 1e-16  # a row whose every entry is at most this in size was never trained
+
+
+@torch.no_grad()
+def init_untrained_row(weight, row):
+    """(V, dim) -> (weight with row `row` set to the mean of the trained rows, True) when that
+    row is all (near) zeros, else (weight, False). Llama 3 base models ship their special
+    tokens untrained, <|eot_id|> among them (zero rows; Unsloth and torchtune#2429 report it):
+    LIMA's EOT then starts as an added one would (mean_rows), not as a zero vector whose logit
+    is 0 whatever the context. Rows of zeros add nothing to the sum, so it is divided by the
+    number of trained rows."""
+    if weight[row].abs().max() > UNTRAINED:
+        return weight, False
+    trained = (weight.amax(1) > UNTRAINED) | (weight.amin(1) < -UNTRAINED)
+    mean = weight.sum(0, dtype=torch.float32) / trained.sum().clamp(min=1)
+    out = weight.clone()
+    out[row] = mean.to(weight.dtype)
+    return out, True
 
 
 def model_args(preset, **overrides):
@@ -104,9 +159,32 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
-def rope_angles(positions, head_dim, theta):
-    """positions (...,) int -> cos, sin of shape (..., head_dim // 2), in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+def rope_frequencies(args: ModelArgs, device=None):
+    """The rotation speed of each pair of a head: (head_dim // 2,) fp32, theta^(-2i/head_dim),
+    then Llama 3.1's scaling if the model has it."""
+    d = args.head_dim
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d)
+    if args.rope_scaling is not None:
+        inv_freq = scaled_frequencies(inv_freq, args.rope_scaling)
+    return inv_freq
+
+
+def scaled_frequencies(inv_freq, s: RopeScaling):
+    """Llama 3.1's RoPE scaling (rope_type "llama3"), as Meta's reference and transformers compute
+    it: with L the original context, a frequency whose wavelength 2 pi / f is shorter than
+    L / high_freq_factor is kept, one longer than L / low_freq_factor is divided by `factor`,
+    and in between the two are blended, smooth = (L / wavelength - low) / (high - low),
+    f' = (1 - smooth) f / factor + smooth f. Positions are unchanged."""
+    L = s.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (L / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    out = torch.where(wavelen > L / s.low_freq_factor, inv_freq / s.factor, blended)
+    return torch.where(wavelen < L / s.high_freq_factor, inv_freq, out)
+
+
+def rope_angles(positions, inv_freq):
+    """positions (...,) int, inv_freq (head_dim // 2,) -> cos, sin of shape (..., head_dim // 2), fp32."""
     angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
@@ -130,6 +208,36 @@ def packed_positions(cu_seqlens, total):
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     starts = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=total)
     return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+def chunked_cross_entropy(h, weight, targets, chunk_logits=None):
+    """Per-token cross-entropy of the output head, without ever holding all the logits.
+
+    h (N, dim) final hidden states, weight (V, dim) the output head, targets (N,) ->
+    losses (N,) fp32, 0 where the target is IGNORE_INDEX. The tokens are cut into slices of
+    about chunk_logits / V; each slice's logits are made, reduced to its losses and dropped.
+    Under autograd each slice is a checkpoint: its logits are made again, one slice at a time,
+    in the backward. So the logits' memory is bounded by the slice whatever V is (one slice's
+    fp32 logits and their gradient, ~2 x 256 MB by default), at the cost of one more output
+    matmul; the per-token losses are those of the unchunked computation. (torchtune slices the
+    loss too; Liger-Kernel fuses it into one kernel.)"""
+    chunk = max(1, (chunk_logits or LOSS_CHUNK_LOGITS) // weight.shape[0])
+    if h.shape[0] <= chunk:  # one slice: nothing to save by recomputing
+        return _head_losses(h, weight, targets)
+    recompute = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    losses = []
+    for hs, ts in zip(h.split(chunk), targets.split(chunk)):
+        if recompute:
+            losses.append(activation_checkpoint(_head_losses, hs, weight, ts, use_reentrant=False))
+        else:
+            losses.append(_head_losses(hs, weight, ts))
+    return torch.cat(losses)
+
+
+def _head_losses(h, weight, targets):
+    logits = F.linear(h, weight)  # (n, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16: softmax in fp32
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 class KVCache(nn.Module):
@@ -234,14 +342,24 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Llama 3.2: the output head *is* the input embedding, one Parameter under two names
+        (named_parameters and the optimizer see it once; state_dict lists both names). Called
+        again whenever tok_embeddings.weight is replaced (loading, add_tokens)."""
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens, targets=None, cu_seqlens=None, input_pos=None, reduction="mean"):
-        """tokens (B, T) -> logits (B, T, vocab_size) in fp32, or (logits, loss) with targets.
+        """tokens (B, T) -> logits (B, T, vocab_size) in fp32; with targets (B, T), the loss
+        instead, computed in slices of tokens (chunked_cross_entropy): no logits are returned.
 
         cu_seqlens: int32 (n + 1,) boundaries of the examples packed in a (1, T) batch.
         input_pos: (B, T) cache slots of these tokens when decoding with `setup_cache`.
-        reduction: "mean" over counted targets, or "sum" (train.py divides by the number of
-        supervised tokens in the whole optimizer step).
+        reduction: "mean" over counted targets, "sum" (train.py divides by the number of
+        supervised tokens in the whole optimizer step), or "none": (B, T) per-token losses,
+        0 where the target is IGNORE_INDEX.
         """
         B, T = tokens.shape
         if input_pos is not None:
@@ -250,16 +368,19 @@ class Transformer(nn.Module):
             positions = packed_positions(cu_seqlens, T)  # (T,)
         else:
             positions = torch.arange(T, device=tokens.device)
-        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
+        cos, sin = rope_angles(positions, rope_frequencies(self.args, tokens.device))
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin, cu_seqlens, input_pos)
-        logits = self.output(self.norm(h)).float()
+        h = self.norm(h)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction=reduction)
-        return logits, loss
+            return self.output(h).float()
+        losses = chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.reshape(-1))
+        if reduction == "none":
+            return losses.view(B, T)
+        if reduction == "sum":
+            return losses.sum()
+        return losses.sum() / (targets != IGNORE_INDEX).sum()
 
     # ---- decoding -------------------------------------------------------------------------
 
@@ -299,6 +420,7 @@ class Transformer(nn.Module):
         out.weight.copy_(mean_rows(self.output.weight, n))
         self.tok_embeddings, self.output = emb, out
         self.args = replace(self.args, vocab_size=emb.num_embeddings)
+        self.tie_weights()
 
     # ---- initialisation and loading -------------------------------------------------------
 

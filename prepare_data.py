@@ -2,6 +2,9 @@
 
     python prepare_data.py --train lima/train.jsonl --test lima/test.jsonl \\
         --tokenizer llama-7b/tokenizer.model --out_dir data/lima
+    # Llama 3.x: its tokenizer.json (Hugging Face layout) or tokenizer.model (Meta's, tiktoken)
+    python prepare_data.py --train lima/train.jsonl --test lima/test.jsonl \\
+        --tokenizer Llama-3.2-1B/tokenizer.json --out_dir data/lima-llama3
     python prepare_data.py --demo --out_dir data/demo   # built-in demo set + a tokenizer for it
 
 Input (LIMA §2): GAIR/lima's jsonl, one {"conversations": [user, assistant, ...], "source": ...}
@@ -25,7 +28,7 @@ import files
 from config import parse_config
 from data import (FORMAT, DataError, answered, carve_dev, encode_examples, prompt_records,
                   read_conversations, token_dtype, write_jsonl, write_split)
-from tokenizer import Tokenizer
+from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_TRAIN = os.path.join(ROOT, "demo", "train.jsonl")
@@ -45,7 +48,8 @@ class PrepareConfig:
     dev_size: int = field(default=50, metadata={
         "help": "examples held out of --train as the dev set (LIMA §2: a dev set of 50); 0 for none"})
     tokenizer: Optional[str] = field(default=None, metadata={
-        "help": "the base model's tokenizer.model (SentencePiece); EOT is added as id vocab_size"})
+        "help": "the base model's tokenizer.model (SentencePiece, or Llama 3's tiktoken), tokenizer.json, "
+                "or its directory; EOT is Llama 3's <|eot_id|>, else a new id (the vocabulary size)"})
     out_dir: Optional[str] = field(default=None, metadata={
         "help": "output directory; None: data/lima, or data/demo with --demo"})
     max_len: int = field(default=2048, metadata={
@@ -95,13 +99,14 @@ def prepare(cfg):
     if cfg.train is None:
         raise DataError("pass --train PATH/train.jsonl (GAIR/lima format), or --demo")
     if cfg.tokenizer is None and not cfg.demo:
-        raise DataError("pass --tokenizer PATH/tokenizer.model (the base model's), or --demo")
+        raise DataError("pass --tokenizer PATH/tokenizer.model or tokenizer.json (the base "
+                        "model's), or --demo")
     if cfg.max_len < 2:
         raise DataError(f"--max_len {cfg.max_len}: need room for BOS and at least one token")
     out_dir = os.path.abspath(cfg.out_dir or ("data/demo" if cfg.demo else "data/lima"))
 
     # read and check every input before anything is written
-    tokenizer = Tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     train_conv = read_conversations(cfg.train)
     dev_conv = read_conversations(cfg.dev_file) if cfg.dev_file else None
     test_conv = read_conversations(cfg.test) if cfg.test else None
@@ -129,10 +134,10 @@ def prepare(cfg):
         if tokenizer is None:  # --demo: a tokenizer made for the demo text, shipped with the data
             texts = [t for ex in train_conv for t in ex["turns"]]
             train_demo_tokenizer(texts, os.path.join(tmp, "tokenizer.model"))
-            tokenizer = Tokenizer(os.path.join(tmp, "tokenizer.model"))
+            tokenizer = load_tokenizer(os.path.join(tmp, "tokenizer.model"))
             tokenizer_path = os.path.join(out_dir, "tokenizer.model")
         else:
-            tokenizer_path = os.path.abspath(cfg.tokenizer)
+            tokenizer_path = os.path.abspath(tokenizer.path)  # the file, if a folder was given
         enc = {name: encode_examples(exs, tokenizer, cfg.max_len, cfg.train_on_prompt,
                                      desc=f"tokenizing {name}")
                for name, exs in (("train", train), ("dev", dev))}

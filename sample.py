@@ -5,11 +5,12 @@
     python sample.py --checkpoint out/lima-65b/epoch_07 --interactive
     python sample.py --checkpoint llama-7b --raw --prompt "The capital of France is"
     python sample.py --checkpoint llama-65b --device cuda:0,cuda:1 --prompt ...   # layers split
+    python sample.py --checkpoint out/lima-llama3.2-1b/epoch_07 --prompt "How do I brew good tea?"
 
 The paper's decoding (generate.py): repetition penalty 1.2 on the tokens generated so far,
 temperature 0.7, nucleus p 0.9, at most 2048 tokens in all (prompt + response), stop at the
-end-of-turn token. The prompt is the training format, BOS user EOT (LIMA §3); `--raw` is plain
-completion for a base model (BOS text ..., stop at EOS).
+end-of-turn token (Llama 3's own <|eot_id|>). The prompt is the training format, BOS user EOT
+(LIMA §3); `--raw` is plain completion for a base model (BOS text ..., stop at EOS).
 
 stdout carries the generated text and nothing else; logs and the progress bar go to stderr.
 """
@@ -29,7 +30,7 @@ import config
 import data
 import devices
 from generate import DECODING, Decoding, PromptError, check_chat_model, encode_prompt, respond
-from tokenizer import Tokenizer
+from tokenizer import load_tokenizer
 
 SKIP_IN_RESUME_CHECK = ("seed",)  # a resumed run may draw new randomness; nothing else changes
 
@@ -37,7 +38,7 @@ SKIP_IN_RESUME_CHECK = ("seed",)  # a resumed run may draw new randomness; nothi
 @dataclass
 class SampleConfig(Decoding):  # the decoding flags and their defaults come from generate.Decoding
     checkpoint: str = field(default="", metadata={"help": "model directory (Meta, Hugging Face or ours)"})
-    tokenizer: Optional[str] = field(default=None, metadata={"help": "tokenizer.model; default: beside the checkpoint or in its parent"})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "tokenizer.model or tokenizer.json; default: beside the checkpoint or in its parent"})
     prompt: Optional[str] = field(default=None, metadata={"help": "one prompt; the response streams to stdout"})
     prompt_file: Optional[str] = field(default=None, metadata={"help": "LIMA-style .jsonl (conversations), prepare_data.py's *_prompts.jsonl (turns), or a text file, one prompt per line"})
     out: Optional[str] = field(default=None, metadata={"help": "JSON lines for --prompt_file, resumed if it exists; without it the answers print to stdout"})
@@ -171,9 +172,9 @@ def load(cfg):
     dtype = config.resolve_dtype(cfg.dtype, placed[0])
     tokenizer_path = cfg.tokenizer or checkpoint.find_tokenizer(cfg.checkpoint)
     if tokenizer_path is None:
-        raise PromptError(f"{cfg.checkpoint}: no tokenizer.model here or in the parent "
-                          f"directory; pass --tokenizer")
-    tokenizer = Tokenizer(tokenizer_path)
+        raise PromptError(f"{cfg.checkpoint}: no tokenizer.model or tokenizer.json here or in "
+                          f"the parent directory; pass --tokenizer")
+    tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.check_model_vocab(args.vocab_size, cfg.checkpoint)
     if len(placed) == 1:
         model = checkpoint.load_model(cfg.checkpoint, dtype=dtype, device=placed[0])

@@ -1,47 +1,88 @@
-"""The LLaMA SentencePiece tokenizer plus LIMA's end-of-turn token, and the chat format.
+"""Every LLaMA's tokenizer behind one interface, and LIMA's chat format on each.
 
 LIMA §3: a dialogue is exactly
 
     BOS user_1 EOT assistant_1 EOT user_2 EOT assistant_2 EOT ...
 
-EOT is a new special token appended after every utterance; it stops generation like EOS but
-is a different id. The paper names no role prefixes, so there are none. Our decision: the EOT
-id is the base vocabulary size (32000 for LLaMA), so the model's vocabulary grows by one.
+EOT ends every utterance; it stops generation like EOS but is a different id. The paper names
+no role prefixes, so there are none. `load_tokenizer(path)` reads three kinds of file, told
+apart by what the file holds, not by its name:
+
+- SentencePiece `tokenizer.model` (LLaMA 1, Llama 2): 32000 pieces, BOS 1, EOS 2, no EOT.
+- Hugging Face `tokenizer.json` (Llama 3.x as transformers ships it), read with `tokenizers`.
+- Meta's Llama 3.x `tokenizer.model`: a tiktoken BPE file, one `base64(token bytes) rank` per
+  line, read with `tiktoken`; Meta's 256 special tokens follow the 128000 ranks.
+
+Our decisions (the paper used LLaMA 1 only):
+- BOS is the base's own (`<s>` 1, `<|begin_of_text|>` 128000); we add it, the file's own
+  post-processor never does, so the ids are exactly the layout above on every base.
+- EOT: where the base has an end-of-turn token (Llama 3's `<|eot_id|>`, 128009), the format
+  uses it and the vocabulary is unchanged. Otherwise (SentencePiece) it is a new id, the base
+  vocabulary size (32000), and the model grows one row (model.mean_rows).
+- Text is text: a special token's name inside a conversation ("<|eot_id|>") is encoded as the
+  characters it is, never as the special id, with every backend (as Meta's Llama 3 tokenizer
+  does), so no example can forge a turn boundary.
+- A tokenizer's identity is the sha256 of its file (`sha256()`).
+`tokenizers` and `tiktoken` are optional: only the file that needs one imports it.
 """
 
+import base64
+import binascii
 import hashlib
+import importlib
 import os
+import re
 
-import sentencepiece as spm
+# The names by which a tokenizer.json marks LLaMA's special tokens (Llama 3's, then LLaMA 1/2's)
+BOS_NAMES = ("<|begin_of_text|>", "<s>")
+EOS_NAMES = ("<|end_of_text|>", "</s>")
+EOT_NAME = "<|eot_id|>"  # Llama 3's end of turn
+
+# Meta's Llama 3.x tokenizer (llama-models, models/llama3/tokenizer.py): the split regex, and the
+# 256 special tokens that follow the BPE ranks (only BOS, EOS and EOT matter to LIMA; their
+# positions 0, 1 and 9 are the same in Llama 3, 3.1, 3.2 and 3.3)
+TIKTOKEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TIKTOKEN_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                     "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                     "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+                     "<|python_tag|>", "<|image|>"]
+TIKTOKEN_SPECIALS += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(TIKTOKEN_SPECIALS))]
+TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+")  # the first line of such a file
+# tiktoken's regex overflows its stack on very long runs; Meta's tokenizer splits them first
+TIKTOKEN_MAX_CHARS, TIKTOKEN_MAX_RUN = 400_000, 25_000
+
+FORMATS = ("not a SentencePiece model (LLaMA 1 / Llama 2's tokenizer.model), not a Hugging Face "
+           "tokenizer.json, not a tiktoken BPE file (Meta's Llama 3 tokenizer.model)")
 
 
 class Tokenizer:
-    def __init__(self, model_path):
-        model_path = os.fspath(model_path)
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(
-                f"{model_path}: no tokenizer here. Pass the tokenizer.model that came with the "
-                f"LLaMA weights (it sits beside params.json / config.json).")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(model_path)
-        except Exception as e:
-            raise ValueError(f"{model_path}: not a SentencePiece model ({e}). Pass the "
-                             f"tokenizer.model file, not tokenizer.json or a directory.") from None
-        self.path = model_path
-        self.bos_id = self.sp.bos_id()
-        self.eos_id = self.sp.eos_id()
-        self.eot_id = self.sp.vocab_size()  # our choice: the first id past the base vocabulary
-        self.vocab_size = self.eot_id + 1
+    """What every backend provides. A subclass sets path, bos_id, eos_id, eot_id and n_base
+    (the ids the base defines: the rows of the base model's embedding) and implements encode
+    and _decode."""
+    path: str
+    bos_id: int
+    eos_id: int
+    eot_id: int
+    n_base: int
+
+    @property
+    def adds_eot(self):
+        """True when the EOT is a new id past the base vocabulary (the model grows a row)."""
+        return self.eot_id == self.n_base
+
+    @property
+    def vocab_size(self):
+        """Rows a model needs for the chat format: the base's, plus the EOT if it is new."""
+        return self.n_base + self.adds_eot
 
     def encode(self, text):
-        """Text -> ids, no BOS or EOS."""
-        return self.sp.EncodeAsIds(text)
+        """Text -> ids, no BOS or EOS; special tokens' names are plain text."""
+        raise NotImplementedError
 
     def decode(self, ids):
-        """Ids -> text; BOS, EOS, EOT, padding and any id past the vocabulary are dropped."""
-        specials = {self.bos_id, self.eos_id, self.sp.pad_id()}
-        return self.sp.DecodeIds([i for i in ids if 0 <= i < self.eot_id and i not in specials])
+        """Ids -> text; special tokens (BOS, EOS, EOT, ...) and ids past the vocabulary are dropped."""
+        return self._decode([int(i) for i in ids if 0 <= i < self.n_base])
 
     def encode_dialog(self, turns, train_on_prompt=False):
         """Alternating user/assistant utterances -> (tokens, mask), two lists of equal length.
@@ -61,16 +102,190 @@ class Tokenizer:
         return tokens, mask
 
     def check_model_vocab(self, vocab_size, where):
-        """A model trained with this tokenizer has vocab_size == base (no EOT yet) or base + 1."""
-        if vocab_size not in (self.eot_id, self.vocab_size):
+        """A model of this tokenizer has the base's rows, or (EOT added) one more."""
+        if vocab_size not in (self.n_base, self.vocab_size):
+            new = f" (+1 for EOT = {self.vocab_size})" if self.adds_eot else ""
             raise ValueError(
                 f"{where}: the model's vocabulary has {vocab_size} rows but the tokenizer "
-                f"{self.path} has {self.eot_id} pieces (+1 for EOT = {self.vocab_size}). "
-                f"They do not belong together: use the tokenizer.model that came with this "
-                f"checkpoint.")
+                f"{self.path} has {self.n_base} pieces{new}. They do not belong together: use "
+                f"the tokenizer file that came with this checkpoint.")
 
     def sha256(self):
         return file_sha256(self.path)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """LLaMA 1 and Llama 2: SentencePiece, with EOT a new id (the base vocabulary size)."""
+
+    def __init__(self, path):
+        import sentencepiece as spm
+        self.path = _check_file(path)
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(self.path)
+        except Exception as e:
+            raise ValueError(f"{self.path}: not a SentencePiece model ({e}). Pass the "
+                             f"tokenizer.model file, not tokenizer.json or a directory.") from None
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.n_base = self.sp.vocab_size()
+        self.eot_id = self.n_base  # our choice: the first id past the base vocabulary
+
+    def encode(self, text):
+        return self.sp.EncodeAsIds(text)  # control pieces (<s>) are never matched in text
+
+    def _decode(self, ids):
+        specials = {self.bos_id, self.eos_id, self.sp.pad_id()}
+        return self.sp.DecodeIds([i for i in ids if i not in specials])
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer.json (Llama 3.x's), through the `tokenizers` library."""
+
+    def __init__(self, path):
+        self.path = _check_file(path)
+        tokenizers = _optional("tokenizers", self.path, "a Hugging Face tokenizer.json")
+        try:
+            self.tok = tokenizers.Tokenizer.from_file(self.path)
+        except Exception as e:
+            raise ValueError(f"{self.path}: not a tokenizer.json the `tokenizers` library can "
+                             f"read ({e}). Use the tokenizer.json that came with the weights.") from None
+        self.tok.encode_special_tokens = True  # text is text (see the module docstring)
+        self.n_base = self.tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self._special(BOS_NAMES, "BOS")
+        self.eos_id = self._special(EOS_NAMES, "EOS")
+        eot = self.tok.token_to_id(EOT_NAME)
+        self.eot_id = self.n_base if eot is None else eot  # none (a Llama 2 tokenizer.json): new id
+
+    def _special(self, names, what):
+        for name in names:
+            if (i := self.tok.token_to_id(name)) is not None:
+                return i
+        raise ValueError(f"{self.path}: has no {what} token ({' or '.join(names)}); not a LLaMA "
+                         f"tokenizer. Use the tokenizer.json that came with the LLaMA weights.")
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Meta's Llama 3.x tokenizer.model (tiktoken BPE ranks), read as Meta's reference reads it."""
+
+    def __init__(self, path):
+        self.path = _check_file(path)
+        tiktoken = _optional("tiktoken", self.path, "a tiktoken BPE file (Llama 3's tokenizer.model)")
+        ranks = read_tiktoken_ranks(self.path)
+        specials = {name: len(ranks) + i for i, name in enumerate(TIKTOKEN_SPECIALS)}
+        self.enc = tiktoken.Encoding(name=os.path.basename(self.path), pat_str=TIKTOKEN_PATTERN,
+                                     mergeable_ranks=ranks, special_tokens=specials)
+        self.n_ranks, self.n_base = len(ranks), len(ranks) + len(specials)
+        self.bos_id, self.eos_id = specials["<|begin_of_text|>"], specials["<|end_of_text|>"]
+        self.eot_id = specials[EOT_NAME]
+
+    def encode(self, text):
+        ids = []
+        for start in range(0, len(text), TIKTOKEN_MAX_CHARS):
+            for piece in _split_long_runs(text[start:start + TIKTOKEN_MAX_CHARS]):
+                # disallowed_special=(): a special token's name is encoded as plain text
+                ids += self.enc.encode(piece, allowed_special=set(), disallowed_special=())
+        return ids
+
+    def _decode(self, ids):
+        return self.enc.decode([i for i in ids if i < self.n_ranks])  # specials dropped
+
+
+def read_tiktoken_ranks(path):
+    """{token bytes: rank} from a tiktoken BPE file; read here rather than by tiktoken.load,
+    which caches files by path (a replaced file at the same path would read stale)."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise ValueError(f"{path}:{n}: not a `base64 rank` line of a tiktoken BPE file "
+                                 f"({line[:60]!r}). Use the tokenizer.model that came with the "
+                                 f"Llama 3 weights.") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: the ranks are not 0 .. {len(ranks) - 1}, each once; the file "
+                         f"is damaged. Use the tokenizer.model that came with the weights.")
+    return ranks
+
+
+def _split_long_runs(text):
+    """Pieces of `text` with no run of whitespace or of non-whitespace longer than
+    TIKTOKEN_MAX_RUN characters (what Meta's tokenizer does before calling tiktoken)."""
+    start, run, space = 0, 0, text[:1].isspace()
+    for i, ch in enumerate(text):
+        if ch.isspace() != space:
+            run, space = 1, ch.isspace()
+        else:
+            run += 1
+            if run > TIKTOKEN_MAX_RUN:
+                yield text[start:i]
+                start, run = i, 1
+    yield text[start:]
+
+
+# ---- choosing the backend ------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # in this order of preference
+
+
+def find_tokenizer_file(folder):
+    """tokenizer.model (SentencePiece or tiktoken) or else tokenizer.json in `folder`, or None.
+    A Hugging Face Llama 2 folder has both: its tokenizer.model is the original."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def load_tokenizer(path):
+    """The tokenizer in a file, or in a folder's tokenizer.model / tokenizer.json; the backend is
+    chosen by what the file holds: JSON, tiktoken's `base64 rank` lines, or SentencePiece."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = find_tokenizer_file(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json in this folder. "
+                                    f"Pass the tokenizer file that came with the LLaMA weights.")
+        path = found
+    _check_file(path)
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.lstrip().startswith(b"{"):
+        return HFTokenizer(path)
+    if TIKTOKEN_LINE.fullmatch(head.split(b"\n", 1)[0].strip()):
+        return TiktokenTokenizer(path)
+    try:
+        return SentencePieceTokenizer(path)
+    except ValueError:
+        raise ValueError(f"{path}: not a tokenizer this project reads: {FORMATS}. Pass the "
+                         f"tokenizer file that came with the LLaMA weights.") from None
+
+
+def _check_file(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no tokenizer here. Pass the tokenizer file that came with the LLaMA weights "
+            f"(tokenizer.model or tokenizer.json, beside params.json / config.json).")
+    return path
+
+
+def _optional(package, path, what):
+    """Import an optional dependency, or say which package the file needs."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ValueError(f"{path} is {what}; reading it needs the `{package}` package: "
+                         f"pip install {package}") from None
 
 
 def file_sha256(path):

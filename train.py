@@ -7,6 +7,13 @@
     torchrun --nproc_per_node=8 train.py --init_from /llama/65B --data_dir data/lima --out_dir out/lima-65b
     # LIMA's 7B ablation setting (batch 64, residual dropout 0.2)
     torchrun --nproc_per_node=8 train.py --preset small --init_from /llama/7B --data_dir data/lima --out_dir out/lima-7b
+    # Llama 3.x (data prepared with its tokenizer: prepare_data.py --tokenizer Llama-3.2-1B/tokenizer.json):
+    # 3.2 1B on one GPU; 3.2 3B on one GPU with --activation_checkpointing; 3.1 8B on 8 GPUs
+    python train.py --preset small --init_from /llama/Llama-3.2-1B --data_dir data/lima-llama3 --out_dir out/lima-llama3.2-1b
+    python train.py --preset small --init_from /llama/Llama-3.2-3B --data_dir data/lima-llama3 --out_dir out/lima-llama3.2-3b --activation_checkpointing
+    torchrun --nproc_per_node=8 train.py --preset small --init_from /llama/Llama-3.1-8B --data_dir data/lima-llama3 --out_dir out/lima-llama3.1-8b
+    # Llama 3.3 70B: 8 GPUs of 80 GB with the state in host memory (~1.1 TB of it), or 2 nodes with bf16 state
+    torchrun --nproc_per_node=8 train.py --init_from /llama/Llama-3.3-70B --data_dir data/lima-llama3 --out_dir out/lima-llama3.3-70b --cpu_offload --activation_checkpointing
     # several nodes: run on each node
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 
@@ -37,15 +44,16 @@ import optim
 from config import DTYPES, parse_config
 from distributed import log
 from generate import respond
-from model import IGNORE_INDEX, Transformer, mean_rows, model_args
-from tokenizer import Tokenizer
+from model import PRESETS as MODEL_PRESETS
+from model import IGNORE_INDEX, Transformer, init_untrained_row, mean_rows, model_args
+from tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass
 class TrainConfig:
     """Fine-tune a LLaMA on LIMA-format data prepared by prepare_data.py."""
-    init_from: str = field(default="", metadata={"help": "base model dir (Meta or HF layout, or one of ours); empty: from scratch"})
-    model: str = field(default="debug", metadata={"help": "model.PRESETS entry when training from scratch"})
+    init_from: str = field(default="", metadata={"help": "base model dir (Meta or HF layout, or one of ours): LLaMA 1, Llama 2, Llama 3.x; empty: from scratch"})
+    model: str = field(default="debug", metadata={"help": f"model preset when training from scratch: {', '.join(MODEL_PRESETS)}"})
     data_dir: str = field(default="data/lima", metadata={"help": "output of prepare_data.py"})
     out_dir: str = field(default="out/lima", metadata={"help": "checkpoints, resume state, metrics.jsonl, dev generations"})
     # LIMA §3: "15 epochs using AdamW with β1 = 0.9, β2 = 0.95, and weight decay of 0.1.
@@ -162,21 +170,22 @@ def lr_at(step, total_steps, cfg):
     return cfg.lr + (cfg.min_lr - cfg.lr) * step / max(total_steps - 1, 1)
 
 
-def resolve_model_args(cfg, meta):
-    """The architecture, and whether the EOT row must be added to the base vocabulary."""
+def resolve_model_args(cfg, meta, tokenizer):
+    """The architecture, and whether the EOT row must be added to the base vocabulary: only
+    where the base has no end-of-turn token of its own (LLaMA 1 / 2; Llama 3 has <|eot_id|>)."""
     if cfg.init_from:
         args = checkpoint.load_args(cfg.init_from)
-        base_vocab = meta["eot_id"]
-        if args.vocab_size not in (base_vocab, base_vocab + 1):
+        if args.vocab_size not in (tokenizer.n_base, tokenizer.vocab_size):
             raise ValueError(
                 f"{cfg.init_from}: the model's vocabulary has {args.vocab_size} rows, but the data in "
-                f"{cfg.data_dir} was tokenized with {meta['tokenizer']} ({base_vocab} pieces + EOT). "
-                f"Run prepare_data.py with the tokenizer.model that came with this model.")
-        add_eot = args.vocab_size == base_vocab
+                f"{cfg.data_dir} was tokenized with {meta['tokenizer']} ({tokenizer.n_base} ids"
+                f"{' + EOT' if tokenizer.adds_eot else ', EOT included'}). Run prepare_data.py "
+                f"with the tokenizer that came with this model.")
+        add_eot = args.vocab_size < tokenizer.vocab_size
         tok = checkpoint.find_tokenizer(cfg.init_from)
         if tok is not None:  # the data must have been tokenized with the model's own tokenizer
-            data.check_tokenizer(meta, Tokenizer(tok))
-        args.vocab_size = meta["vocab_size"]
+            data.check_tokenizer(meta, load_tokenizer(tok))
+        args.vocab_size = tokenizer.vocab_size
     else:
         args = model_args(cfg.model, vocab_size=meta["vocab_size"])
         add_eot = False
@@ -185,18 +194,26 @@ def resolve_model_args(cfg, meta):
     return args, add_eot
 
 
-def source_weights(cfg, args, add_eot):
+def source_weights(cfg, args, add_eot, eot_id):
     """(name, full tensor) one at a time: from the base checkpoint, with the EOT row appended
-    (model.mean_rows, LIMA §3); or a random init made the same way on every rank."""
+    (model.mean_rows, LIMA §3), or where the base has its own EOT but never trained it (Llama 3
+    base models: a zero row), that row set the same way (model.init_untrained_row); or a random
+    init made the same way on every rank."""
     if not cfg.init_from:
         torch.manual_seed(cfg.seed)
         scratch = Transformer(args)
         scratch.init_weights()
-        yield from scratch.state_dict().items()
+        yield from ((name, p.detach()) for name, p in scratch.named_parameters())  # tied: once
         return
     for name, tensor in checkpoint.iter_weights(cfg.init_from):
-        if add_eot and name in ("tok_embeddings.weight", "output.weight"):
-            tensor = mean_rows(tensor)
+        if name in ("tok_embeddings.weight", "output.weight"):  # one name only when tied
+            if add_eot:
+                tensor = mean_rows(tensor)
+            else:
+                tensor, untrained = init_untrained_row(tensor, eot_id)
+                if untrained:
+                    log(f"{name}: the base's EOT row ({eot_id}) was never trained (all zeros); it "
+                        f"starts as the mean of the trained rows, as an added EOT would")
         yield name, tensor
 
 
@@ -227,7 +244,7 @@ def dev_loss(model, split, world_size, rank, budget, device, bos_id):
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for examples in plan[rank]:
         x, y, cu = pack(split, examples, device, bos_id)
-        _, loss = model(x, y, cu_seqlens=cu, reduction="sum")
+        loss = model(x, y, cu_seqlens=cu, reduction="sum")
         total += torch.stack([loss.double(), (y != IGNORE_INDEX).sum().double()])
     dist.all_reduce(total)
     model.train()
@@ -259,7 +276,7 @@ def train_step(model, optimizer, micro_batches, n_supervised, grad_clip):
     device = micro_batches[0][0].device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for x, y, cu in micro_batches:
-        _, loss = model(x, y, cu_seqlens=cu, reduction="sum")
+        loss = model(x, y, cu_seqlens=cu, reduction="sum")  # no logits: the loss is sliced
         # each micro-batch's share of the step's mean; FSDP averages gradients over ranks,
         # so scale by world_size to get the sum over all ranks' tokens
         (loss * (world_size / max(n_supervised, 1))).backward()
@@ -302,10 +319,11 @@ def setup(cfg):
     has_dev = meta.get("splits", {}).get("dev", {}).get("examples")
     dev_split = data.load_split(cfg.data_dir, "dev") if has_dev else None
     dev_prompts = data.read_prompts(cfg.data_dir, "dev") if has_dev else []
-    tokenizer = Tokenizer(meta["tokenizer"])
-    args, add_eot = resolve_model_args(cfg, meta)
+    tokenizer = load_tokenizer(meta["tokenizer"])
+    args, add_eot = resolve_model_args(cfg, meta, tokenizer)
     distributed.memory_plan(cfg, args, world_size, device, meta["max_len"])
-    model = distributed.build_model(cfg, args, source_weights(cfg, args, add_eot), device)
+    model = distributed.build_model(cfg, args, source_weights(cfg, args, add_eot, tokenizer.eot_id),
+                                    device)
     torch.manual_seed(cfg.seed + rank)  # dropout masks: repeatable, different on each rank
     optimizer = make_optimizer(model, cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -214,9 +214,11 @@ def packed_forward_backward(model, tokens, targets, cu_seqlens, use_kernels):
     os.environ["LIMA_KERNELS"] = "triton" if use_kernels else "torch"
     try:
         model.zero_grad(set_to_none=True)
-        logits, loss = model(tokens, targets, cu_seqlens=cu_seqlens, reduction="sum")
+        loss = model(tokens, targets, cu_seqlens=cu_seqlens, reduction="sum")  # the training path
         loss.backward()
-        return [logits.detach()] + [p.grad.detach() for p in model.parameters()]
+        with torch.no_grad():
+            logits = model(tokens, cu_seqlens=cu_seqlens)
+        return [logits] + [p.grad.detach() for p in model.parameters()]
     finally:
         os.environ.pop("LIMA_KERNELS", None)
 
@@ -270,7 +272,9 @@ def synthetic_split(lengths, vocab_size, seed):
 def run_steps(cfg, args, split, steps, batch_size, device, before_step=None):
     """train.py's path: build_model (FSDP2, mixed precision), make_optimizer, then train_step
     on its packed micro-batches. Returns per-step (loss, grad_norm, seconds, tokens)."""
-    model = distributed.build_model(cfg, args, train.source_weights(cfg, args, False), device)
+    # the vocabulary already holds its EOT (the last id), as a fine-tuned checkpoint's does
+    weights = train.source_weights(cfg, args, add_eot=False, eot_id=args.vocab_size - 1)
+    model = distributed.build_model(cfg, args, weights, device)
     optimizer = train.make_optimizer(model, cfg)
     supervised = train.supervised_counts(split)
     torch.manual_seed(cfg.seed)  # the same dropout masks for every run of this function

@@ -406,8 +406,8 @@ def test_long_answers_are_trimmed_to_the_judge_context(tmp_path):
 def test_tiny_judge_checkpoint_end_to_end(tmp_path, tiny_tokenizer_path, capsys):
     import torch
     from model import Transformer, model_args
-    from tokenizer import Tokenizer
-    tok = Tokenizer(tiny_tokenizer_path)
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(tiny_tokenizer_path)
     torch.manual_seed(0)
     # the tiny tokenizer spells most of the paper's prompts byte by byte: the 1-6 rubric alone
     # is ~2150 tokens, so this judge's context is just long enough for it
@@ -447,8 +447,8 @@ def test_generation_files_written_by_sample_py(tmp_path, tiny_tokenizer_path):
     import torch
     import sample
     from model import Transformer, model_args
-    from tokenizer import Tokenizer
-    tok = Tokenizer(tiny_tokenizer_path)
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(tiny_tokenizer_path)
     torch.manual_seed(0)
     chat = Transformer(model_args("debug", vocab_size=tok.vocab_size))
     chat.init_weights()

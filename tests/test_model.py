@@ -30,11 +30,13 @@ def random_model(args, seed=0):
 
 # ---- an independent reference, Meta-style -------------------------------------------------
 
-def meta_forward(sd, args, tokens):
-    """LLaMA forward from a state dict, following meta-llama/llama's model.py step by step."""
+def meta_forward(sd, args, tokens, freqs=None):
+    """LLaMA forward from a state dict, following meta-llama/llama's model.py step by step.
+    freqs: the RoPE frequencies if not theta's plain ones (Llama 3.1's scaling)."""
     B, T = tokens.shape
-    hd, H, KV = args.dim // args.n_heads, args.n_heads, args.n_kv_heads or args.n_heads
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].double() / hd))
+    hd, H, KV = args.head_size or args.dim // args.n_heads, args.n_heads, args.n_kv_heads or args.n_heads
+    if freqs is None:
+        freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].double() / hd))
     freqs_cis = torch.polar(torch.ones(T, hd // 2, dtype=torch.float64),
                             torch.outer(torch.arange(T).double(), freqs))
 
@@ -123,10 +125,10 @@ def test_packed_loss_equals_sum_over_examples():
     y[0, :5] = M.IGNORE_INDEX  # e.g. a prompt: does not count
     cu = torch.tensor([0, 12, 30], dtype=torch.int32)
     with torch.no_grad():
-        _, total = m(x, y, cu_seqlens=cu, reduction="sum")
-        _, mean = m(x, y, cu_seqlens=cu)
-        _, a = m(x[:, :12], y[:, :12], reduction="sum")
-        _, b = m(x[:, 12:], y[:, 12:], reduction="sum")
+        total = m(x, y, cu_seqlens=cu, reduction="sum")
+        mean = m(x, y, cu_seqlens=cu)
+        a = m(x[:, :12], y[:, :12], reduction="sum")
+        b = m(x[:, 12:], y[:, 12:], reduction="sum")
     assert torch.allclose(total, a + b, rtol=1e-5)
     assert torch.allclose(mean, total / 25, rtol=1e-5)
 
@@ -136,14 +138,24 @@ def test_loss_counts_only_targets_not_ignored():
     x = torch.randint(0, 97, (1, 16))
     y = torch.randint(0, 97, (1, 16))
     y[0, :8] = M.IGNORE_INDEX
-    logits, loss = m(x, y)
+    loss = m(x, y)
+    with torch.no_grad():
+        logits = m(x)
     expect = F.cross_entropy(logits[0, 8:], y[0, 8:])
     assert torch.allclose(loss, expect)
-    # the logits at ignored positions get no gradient
-    logits, loss = m(x, y)
-    logits.retain_grad()
+    # the logits at ignored positions get no gradient: nor does the final hidden state there,
+    # the one input of those logits (the loss never hands out the logits themselves)
+    final = []
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        final.append(out)
+
+    m.norm.register_forward_hook(keep)
+    loss = m(x, y)
     loss.backward()
-    assert logits.grad[0, :8].abs().max() == 0 and logits.grad[0, 8:].abs().max() > 0
+    grad = final[0].grad
+    assert grad[0, :8].abs().max() == 0 and grad[0, 8:].abs().max() > 0
 
 
 def test_kv_cache_equals_full_forward_for_ragged_batch():
@@ -206,3 +218,134 @@ def test_add_tokens_mean_initialises_new_rows():
     assert torch.allclose(m.output.weight[97], out.mean(0), atol=1e-6)
     x = torch.randint(0, 98, (1, 10))
     assert m(x).shape == (1, 10, 98)
+
+
+def test_add_tokens_keeps_a_tied_head_tied():
+    m = random_model(tiny_args(tie_embeddings=True))
+    assert m.output.weight is m.tok_embeddings.weight
+    m.add_tokens(1)
+    assert m.output.weight is m.tok_embeddings.weight and m.output.weight.shape == (98, 64)
+
+
+# ---- Llama 3.x: RoPE scaling, explicit head width, tied head -------------------------------------
+
+@pytest.mark.parametrize("head_dim,theta,factor,original", [(128, 500000.0, 8.0, 8192),
+                                                            (64, 500000.0, 32.0, 8192),
+                                                            (24, 500000.0, 32.0, 32),
+                                                            (16, 10000.0, 4.0, 64)])
+def test_rope_scaling_equals_transformers(head_dim, theta, factor, original):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    scaling = dict(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=original)
+    config = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim,
+                                      rope_theta=theta, rope_scaling=dict(rope_type="llama3", **scaling))
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    args = M.ModelArgs(dim=4 * head_dim, n_heads=4, rope_theta=theta, rope_scaling=M.RopeScaling(**scaling))
+    got = M.rope_frequencies(args)
+    assert torch.equal(got, want)
+    plain = M.rope_frequencies(M.ModelArgs(dim=4 * head_dim, n_heads=4, rope_theta=theta))
+    L = original
+    wavelen = 2 * math.pi / plain
+    assert torch.equal(got[wavelen < L / 4], plain[wavelen < L / 4])  # short wavelengths kept
+    torch.testing.assert_close(got[wavelen > L], plain[wavelen > L] / factor)  # long ones stretched
+
+
+def test_explicit_head_dim_and_rope_scaling_match_meta_reference():
+    # the Meta-style reference above with head_dim 24 (not 64 / 4) and Llama 3.1's scaling
+    args = tiny_args(n_kv_heads=2, head_size=24, rope_theta=500000.0,
+                     rope_scaling=M.RopeScaling(factor=8.0, original_max_position_embeddings=32))
+    m = random_model(args)
+    assert m.layers[0].attention.wq.weight.shape == (4 * 24, 64)
+    tokens = torch.randint(0, args.vocab_size, (2, 23))
+    with torch.no_grad():
+        ours = m(tokens).double()
+    ref = meta_forward(m.state_dict(), args, tokens, M.rope_frequencies(args).double())
+    assert (ours - ref).abs().max() < 1e-4
+    assert (ours - meta_forward(m.state_dict(), args, tokens)).abs().max() > 1e-2  # scaling matters
+
+
+def test_tied_head_is_the_embedding():
+    m = random_model(tiny_args(tie_embeddings=True))
+    assert m.output.weight is m.tok_embeddings.weight
+    assert [n for n, _ in m.named_parameters()].count("tok_embeddings.weight") == 1
+    assert "output.weight" not in dict(m.named_parameters())
+    x = torch.randint(0, 97, (1, 10))
+    m(x, x).backward()  # both uses add into the one gradient
+    untied = random_model(tiny_args())
+    untied.load_state_dict(m.state_dict())
+    untied(x, x).backward()
+    torch.testing.assert_close(m.tok_embeddings.weight.grad,
+                               untied.tok_embeddings.weight.grad + untied.output.weight.grad)
+
+
+def test_llama3_presets():
+    # the Hugging Face config.json of each release: (dim, layers, heads, kv heads, ffn, head dim)
+    expect = {"llama3.2-1B": (2048, 16, 32, 8, 8192, 64, 1.24e9, True, 32.0),
+              "llama3.2-3B": (3072, 28, 24, 8, 8192, 128, 3.21e9, True, 32.0),
+              "llama3.1-8B": (4096, 32, 32, 8, 14336, 128, 8.03e9, False, 8.0),
+              "llama3.3-70B": (8192, 80, 64, 8, 28672, 128, 70.6e9, False, 8.0)}
+    for name, (dim, layers, heads, kv, ffn, hd, n_params, tied, factor) in expect.items():
+        a = M.model_args(name)
+        assert (a.dim, a.n_layers, a.n_heads, a.kv_heads, a.ffn_hidden, a.head_dim) == (dim, layers, heads, kv, ffn, hd)
+        assert (a.vocab_size, a.rope_theta, a.tie_embeddings) == (128256, 500000.0, tied)
+        assert a.rope_scaling.factor == factor
+        with torch.device("meta"):
+            count = M.Transformer(a).num_params()
+        assert abs(count - n_params) / n_params < 0.01, (name, count)
+
+
+# ---- the loss in slices ------------------------------------------------------------------------
+
+def test_chunked_loss_and_gradients_equal_unchunked():
+    torch.manual_seed(0)
+    N, dim, V = 37, 16, 50
+    h = torch.randn(N, dim, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, dim, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    t[::5] = M.IGNORE_INDEX
+    ref = F.cross_entropy(h @ w.T, t, ignore_index=M.IGNORE_INDEX, reduction="none")
+    gh, gw = torch.autograd.grad(ref.sum(), (h, w))
+    for chunk_tokens in (1, 5, 8, 36, 37, 100):  # slices that do and do not divide N
+        losses = M.chunked_cross_entropy(h, w, t, chunk_logits=chunk_tokens * V)
+        assert torch.allclose(losses, ref, rtol=1e-12, atol=0)
+        assert (losses[::5] == 0).all()
+        ch, cw = torch.autograd.grad(losses.sum(), (h, w))
+        assert torch.allclose(ch, gh, rtol=1e-12, atol=1e-14) and torch.allclose(cw, gw, rtol=1e-12, atol=1e-14)
+
+
+def test_model_loss_is_sliced_and_equals_unsliced(monkeypatch):
+    # fp32 model: the per-token losses and every gradient equal the one-slice computation
+    args = tiny_args(n_kv_heads=2)
+    x = torch.randint(0, 97, (1, 30))
+    y = torch.randint(0, 97, (1, 30))
+    y[0, :6] = M.IGNORE_INDEX
+    cu = torch.tensor([0, 11, 30], dtype=torch.int32)
+
+    def run():
+        m = random_model(args)
+        per_token = m(x, y, cu_seqlens=cu, reduction="none")
+        per_token.sum().backward()
+        return per_token.detach(), {n: p.grad for n, p in m.named_parameters()}
+
+    whole, whole_grads = run()
+    sizes = []
+    real = M._head_losses
+    monkeypatch.setattr(M, "_head_losses", lambda h, w, t: (sizes.append(h.shape[0]), real(h, w, t))[1])
+    monkeypatch.setattr(M, "LOSS_CHUNK_LOGITS", 7 * 97)  # 7 tokens a slice
+    sliced, sliced_grads = run()
+    assert max(sizes) == 7 and sum(sizes) == 2 * 30  # every slice made twice: forward, backward
+    assert (whole[0, :6] == 0).all()
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
+    for name, g in whole_grads.items():  # fp32: equal up to the order of the sums, ~1e-7
+        assert (sliced_grads[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+
+
+def test_untrained_row_starts_as_the_mean_of_trained_rows():
+    w = torch.randn(10, 4)
+    w[[3, 7]] = 0  # two rows pretraining never touched
+    out, untrained = M.init_untrained_row(w, 3)
+    assert untrained and torch.allclose(out[3], w[[0, 1, 2, 4, 5, 6, 8, 9]].mean(0))
+    assert torch.equal(out[7], w[7]) and torch.equal(out[:3], w[:3]) and w[3].abs().max() == 0
+    same, untrained = M.init_untrained_row(w, 5)
+    assert not untrained and same is w

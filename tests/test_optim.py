@@ -48,7 +48,7 @@ def _losses(kind, steps=150, lr=2e-5):
     x = torch.randint(0, TINY.vocab_size, (8, 33), generator=torch.Generator().manual_seed(1))
     losses = []
     for _ in range(steps):
-        _, loss = model(x[:, :-1], x[:, 1:])
+        loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -13,7 +13,7 @@ import pytest
 import data
 import prepare_data as pd
 from conftest import train_tiny_tokenizer
-from tokenizer import Tokenizer, file_sha256
+from tokenizer import file_sha256, load_tokenizer
 
 WORDS = "the cat sat on a mat while river stones hum quietly under bright green lamps".split()
 
@@ -57,7 +57,7 @@ def expected(tok, turns, train_on_prompt=False):
 
 
 def test_single_turn_layout(tmp_path, tiny_tokenizer_path):
-    tok = Tokenizer(tiny_tokenizer_path)
+    tok = load_tokenizer(tiny_tokenizer_path)
     u, a = "the cat sat on a mat", "river stones hum"
     out, _ = prepare(tmp_path, tiny_tokenizer_path, [{"conversations": [u, a], "source": "x"}],
                      "--dev_size", "0")
@@ -70,7 +70,7 @@ def test_single_turn_layout(tmp_path, tiny_tokenizer_path):
 
 
 def test_multi_turn_layout_and_train_on_prompt(tmp_path, tiny_tokenizer_path):
-    tok = Tokenizer(tiny_tokenizer_path)
+    tok = load_tokenizer(tiny_tokenizer_path)
     turns = ["hello cat", "the cat sat", "and the mat", "green lamps"]
     rows = [{"conversations": turns, "source": "multi_turn"}]
     out, meta = prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_size", "0")
@@ -89,7 +89,7 @@ def test_multi_turn_layout_and_train_on_prompt(tmp_path, tiny_tokenizer_path):
 
 
 def test_trimming_keeps_the_start(tmp_path, tiny_tokenizer_path):
-    tok = Tokenizer(tiny_tokenizer_path)
+    tok = load_tokenizer(tiny_tokenizer_path)
     long_answer = " ".join(WORDS * 4)
     rows = [{"conversations": ["the cat", long_answer], "source": "x"},
             {"conversations": ["hum", "lamps"], "source": "x"},
@@ -107,7 +107,7 @@ def test_trimming_keeps_the_start(tmp_path, tiny_tokenizer_path):
 
 
 def test_odd_length_drops_trailing_user_turn(tmp_path, tiny_tokenizer_path):
-    tok = Tokenizer(tiny_tokenizer_path)
+    tok = load_tokenizer(tiny_tokenizer_path)
     rows = [{"conversations": ["the cat", "sat on a mat", "and then?"], "source": "x"},
             {"conversations": ["hum", "lamps"], "source": "x"},
             {"conversations": ["a lone prompt"], "source": "x"}]
@@ -135,7 +135,7 @@ def test_dev_split_deterministic_and_disjoint(tmp_path, tiny_tokenizer_path):
     assert sa["dev"] != sc["dev"]
     assert len(sa["dev"]) == 10 and len(sa["train"]) == 50
     assert not set(sa["dev"]) & set(sa["train"])
-    tok = Tokenizer(tiny_tokenizer_path)
+    tok = load_tokenizer(tiny_tokenizer_path)
     everything = {tuple(expected(tok, r["conversations"])[0]) for r in rows}
     assert set(sa["dev"]) | set(sa["train"]) == everything
     # dev prompts line up with the dev split: the turns up to the last user turn + the reference
@@ -186,7 +186,7 @@ def test_messages_system_and_roles(tmp_path):
 
 
 def test_reader_round_trip_and_meta(tmp_path, tiny_tokenizer_path):
-    tok = Tokenizer(tiny_tokenizer_path)
+    tok = load_tokenizer(tiny_tokenizer_path)
     rows = make_rows(40)
     test = write_jsonl(tmp_path / "test.jsonl", [{"conversations": ["what is a cat"], "source": "t"},
                                                  {"conversations": ["hi", "yo", "and?"], "source": "t"}])
@@ -212,7 +212,7 @@ def test_reader_round_trip_and_meta(tmp_path, tiny_tokenizer_path):
     assert data.read_prompts(test) == data.read_prompts(out, "test")  # a raw GAIR-format file works too
     data.check_tokenizer(meta, tok)
     (tmp_path / "other").mkdir()
-    other = Tokenizer(train_tiny_tokenizer(str(tmp_path / "other"), vocab_size=320))
+    other = load_tokenizer(train_tiny_tokenizer(str(tmp_path / "other"), vocab_size=320))
     with pytest.raises(ValueError, match="Run prepare_data.py again with --tokenizer"):
         data.check_tokenizer(meta, other)
 
@@ -304,7 +304,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "multi_turn" in capsys.readouterr().out
     assert meta["tokenizer"] == str(out / "tokenizer.model")
     assert meta["tokenizer_sha256"] == file_sha256(out / "tokenizer.model")
-    tok = Tokenizer(data.load_meta(out)["tokenizer"])
+    tok = load_tokenizer(data.load_meta(out)["tokenizer"])
     assert meta["eot_id"] == tok.eot_id == pd.DEMO_VOCAB_SIZE
     train, dev = data.load_split(out, "train"), data.load_split(out, "dev")
     assert len(train) + len(dev) == 1050 and len(dev) == 50

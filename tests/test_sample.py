@@ -14,7 +14,7 @@ import devices
 import generate
 import sample
 from model import Transformer, model_args
-from tokenizer import Tokenizer
+from tokenizer import load_tokenizer
 
 GREEDY = dict(temperature=0.0, top_p=0.9, repetition_penalty=1.2)
 
@@ -38,7 +38,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok(tiny_tokenizer_path):
-    return Tokenizer(tiny_tokenizer_path)
+    return load_tokenizer(tiny_tokenizer_path)
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +269,21 @@ def test_placed_model_generates_the_same(tok):
     assert generate.generate(placed, prompts, **kw) == generate.generate(ref, prompts, **kw)
 
 
+def test_tied_embedding_sits_with_the_head(tok):
+    # Llama 3.2: one weight for the embedding and the head, so one device for both
+    args = model_args("debug", n_layers=8, tie_embeddings=True)
+    plan = devices.placement_plan(args, ["cuda:0", "cuda:1"])
+    assert plan["tok_embeddings"] == plan["output"] == plan["norm"] == "cuda:1"
+    assert sum(1 for k, d in plan.items() if k.startswith("layers.") and d == "cuda:0") >= 4
+    ref = tiny_model(tok.vocab_size, seed=1, n_layers=4, tie_embeddings=True)
+    placed = devices.place_model(tiny_model(tok.vocab_size, seed=1, n_layers=4, tie_embeddings=True),
+                                 devices.placement_plan(ref.args, ["cpu", "cpu"]))
+    assert placed.output.weight is placed.tok_embeddings.weight
+    prompts = prompts_of(tok, ["tea", "the cat sat"])
+    kw = dict(stop_ids=(), max_new_tokens=10, **GREEDY)
+    assert generate.generate(placed, prompts, **kw) == generate.generate(ref, prompts, **kw)
+
+
 # ---- respond, files, and the command line ------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -460,6 +475,6 @@ def test_generate_under_fsdp2_then_train(tok, tmp_path):
         assert generate.generate(sharded, prompts, **kw) == generate.generate(ref, prompts, **kw)
         assert sharded.training
         x = torch.randint(0, tok.vocab_size, (2, 8))
-        sharded(x, x)[1].backward()
+        sharded(x, x).backward()
     finally:
         dist.destroy_process_group()

@@ -19,7 +19,7 @@ import prepare_data
 import train
 from model import IGNORE_INDEX
 from tests.conftest import ROOT, WORDS
-from tokenizer import Tokenizer
+from tokenizer import load_tokenizer
 
 
 def sentence(rng, lo, hi):
@@ -133,7 +133,7 @@ def test_checkpoint_loads_back_with_the_trained_weights(setup, reference, tiny_t
     with torch.no_grad():
         for i in range(len(dev)):
             x, y, cu = train.pack(dev, [i], "cpu", 1)
-            _, loss = m(x, y, reduction="sum")
+            loss = m(x, y, reduction="sum")
             total, count = total + loss.item(), count + (y != IGNORE_INDEX).sum().item()
     assert total / count == pytest.approx(logged["dev_loss"], rel=1e-5)
     with open(setup / "ref" / "dev_generations" / "epoch_02.jsonl") as f:
@@ -152,7 +152,7 @@ def test_pack_trains_only_on_assistant_tokens(setup, tiny_tokenizer_path):
         expect = [t if m else IGNORE_INDEX for t, m in zip(tokens[1:].tolist(), mask[1:])]
         assert ys.tolist() == expect  # user tokens (and their EOT) never count
     # changing what the user said changes no target
-    tok = Tokenizer(tiny_tokenizer_path)
+    tok = load_tokenizer(tiny_tokenizer_path)
     t1, m1 = tok.encode_dialog(["the cat sat", "seven robots"])
     t2, m2 = tok.encode_dialog(["green lamps hum quietly", "seven robots"])
     assert [t for t, m in zip(t1, m1) if m] == [t for t, m in zip(t2, m2) if m]
@@ -221,3 +221,72 @@ def test_memory_plan_refuses_what_cannot_fit_and_says_what_to_do():
 def args_params(args):
     with torch.device("meta"):
         return M.Transformer(args).num_params()
+
+
+def test_memory_plans_for_llama3():
+    # the commands in train.py's docstring, on GPUs of 80 GB
+    gpu, cap = torch.device("cuda"), 80 * 2**30
+    fits = lambda name, ranks, **kw: distributed.memory_plan(train.TrainConfig(**kw), M.model_args(name), ranks, gpu, 2048, capacity=cap)
+    assert fits("llama3.2-1B", 1)["total"] < 0.95 * cap  # one GPU, the defaults
+    with pytest.raises(SystemExit, match="--activation_checkpointing"):
+        fits("llama3.2-3B", 1)
+    assert fits("llama3.2-3B", 1, activation_checkpointing=True)["total"] < 0.95 * cap
+    assert fits("llama3.1-8B", 8)["total"] < 0.95 * cap
+    with pytest.raises(SystemExit):
+        fits("llama3.3-70B", 8, param_dtype="bfloat16", activation_checkpointing=True, micro_batch_tokens=2048)
+    assert fits("llama3.3-70B", 8, cpu_offload=True, activation_checkpointing=True)["total"] < 0.95 * cap
+    assert fits("llama3.3-70B", 16, param_dtype="bfloat16", activation_checkpointing=True)["total"] < 0.95 * cap
+    # a tied head is one tensor: counted once in the state and in the unsharded root
+    tied = M.model_args("llama3.2-1B")
+    untied = M.model_args("llama3.2-1B", tie_embeddings=False)
+    a, b = fits("llama3.2-1B", 1), distributed.memory_plan(train.TrainConfig(), untied, 1, gpu, 2048, capacity=cap)
+    V_dim = tied.vocab_size * tied.dim
+    assert b["parameters (sharded)"] - a["parameters (sharded)"] == pytest.approx(4 * V_dim)
+    assert b["unsharded blocks (2) and root"] - a["unsharded blocks (2) and root"] == pytest.approx(2 * V_dim)
+
+
+def test_logits_memory_is_one_loss_slice_whatever_the_vocabulary():
+    gpu = torch.device("cuda")
+    bound = M.LOSS_CHUNK_LOGITS * (2 + 4 + 4)  # a slice's bf16 logits, fp32 copy, fp32 gradient
+    for vocab in (32001, 128256, 256000):
+        for tokens in (8192, 65536):
+            cfg = train.TrainConfig(micro_batch_tokens=tokens)
+            plan = distributed.memory_plan(cfg, M.model_args("llama3.1-8B", vocab_size=vocab), 8, gpu, 2048,
+                                           capacity=10**15)
+            assert plan["logits (one loss slice)"] <= bound  # whole fp32 logits: 3-60 GB here
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_sliced_loss_under_fsdp2_equals_unsliced(tmp_path, monkeypatch, tied):
+    # train.py's model (FSDP2, blocks recomputed) with the loss in 7-token slices, each made
+    # again in the backward: the same loss and gradients as in one piece; a tied head's two
+    # uses add into its one sharded gradient
+    import torch.distributed as dist
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs a fresh torch.distributed")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        cfg = train.TrainConfig(activation_checkpointing=True, resid_dropout=0.0)
+        args = M.model_args("debug", vocab_size=300, tie_embeddings=tied)
+        x = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+        y = x.roll(-1, 1)
+        y[0, :9] = IGNORE_INDEX
+        cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+
+        def loss_and_grads():
+            model = distributed.build_model(cfg, args, train.source_weights(cfg, args, False, 299), torch.device("cpu"))
+            assert (model.output.weight is model.tok_embeddings.weight) == tied
+            loss = model(x, y, cu_seqlens=cu, reduction="sum")
+            loss.backward()
+            return loss.item(), {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+
+        whole, whole_grads = loss_and_grads()
+        monkeypatch.setattr(M, "LOSS_CHUNK_LOGITS", 7 * 300)
+        sliced, sliced_grads = loss_and_grads()
+        assert sliced == pytest.approx(whole, rel=1e-6)
+        assert sliced_grads.keys() == whole_grads.keys()
+        assert ("output.weight" in whole_grads) != tied  # one parameter when tied
+        for name, g in whole_grads.items():
+            assert (sliced_grads[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+    finally:
+        dist.destroy_process_group()
