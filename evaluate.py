@@ -225,12 +225,12 @@ def _human_session(todo, total, out, meta, ask, show):
                 break
             show("please type a, b, t, s or q, then Enter")
         if key == "q":
-            show(f"\nstopped at {done}/{total}; every answer is saved in {out.f.name}. "
+            show(f"\nstopped at {done}/{total}; every answer is saved in {out.path}. "
                  f"Run the same command to go on from here.")
             return
         out.write(_pair_record(pair, order, key, undo_order(HUMAN_KEYS[key], order), meta))
         done += 1
-    show(f"\nall {total} pairs judged; saved in {out.f.name}")
+    show(f"\nall {total} pairs judged; saved in {out.path}")
 
 
 def _progress(total, desc):
