@@ -180,12 +180,14 @@ class Appender:
             while view:  # os.write may write less than asked
                 view = view[os.write(self.fd, view):]
             os.fsync(self.fd)
-        except OSError as e:
+        except BaseException as e:  # a full disk, or Ctrl-C mid-record: no half a record left
             try:
                 os.ftruncate(self.fd, end)
             except OSError:
                 pass  # the next run's repair_torn_tail cuts a torn line off instead
-            raise OSError(write_failure(self.path, e, "a record could not be written")) from None
+            if isinstance(e, OSError):
+                raise OSError(write_failure(self.path, e, "a record could not be written")) from None
+            raise
 
     def close(self):
         if self.fd is not None:
