@@ -115,7 +115,11 @@ def resolve_device(name="auto"):
     import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if kind.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name}: no CUDA device here; use cpu")
     return name
 

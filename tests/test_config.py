@@ -78,3 +78,10 @@ def test_in_range_values_and_unset_optionals_pass(capsys):
     with pytest.raises(SystemExit):
         parse_config(Ranged, ["-h"])
     assert "greater than 0 and at most 1" in capsys.readouterr().out  # the range is in -h
+
+
+def test_resolve_device_names_a_bad_device():
+    from config import resolve_device
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="device 'nope': not a device"):
+        resolve_device("nope")

@@ -630,3 +630,9 @@ def test_cli_prompt_file_without_out_shows_progress_in_tokens(chat_dir, tmp_path
     last = got.err.replace("\r", "\n").strip().splitlines()
     bar = [line for line in last if "tok/s" in line][-1]
     assert "3/3 prompts" in bar and "100%" in bar
+
+
+def test_cli_bad_device_is_one_message(chat_dir, capsys):
+    for device, want in (("nope", "'nope' is not a device"), (" , ", "--device is empty")):
+        err = fail_main(["--checkpoint", chat_dir, "--prompt", "tea", "--device", device], capsys)
+        assert want in err and "Traceback" not in err
