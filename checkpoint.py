@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import files
+from generate import Decoding
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
@@ -638,10 +639,12 @@ def hf_config(args: ModelArgs, torch_dtype, bos_id=1, eos_id=2):
 
 
 def generation_config(bos_id, eos_id, eot_id=None):
-    # LIMA §5: nucleus p 0.9, temperature 0.7, repetition penalty 1.2; stop at EOT as at EOS.
-    # (transformers' penalty also covers the prompt; ours penalises only generated tokens.)
+    # the paper's decoding (generate.Decoding, LIMA §5); stop at EOT as at EOS. (transformers'
+    # penalty also covers the prompt; ours penalises only generated tokens by default.)
+    d = Decoding()
     return {"bos_token_id": bos_id, "eos_token_id": eos_id if eot_id is None else [eos_id, eot_id],
-            "do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2}
+            "do_sample": True, "temperature": d.temperature, "top_p": d.top_p,
+            "repetition_penalty": d.repetition_penalty}
 
 
 def _write_tokenizer(tmp, tokenizer_path, tok, eot):

@@ -33,6 +33,7 @@ import checkpoint
 import data
 import distributed
 import files
+import optim
 from config import DTYPES, parse_config
 from distributed import log
 from generate import respond
@@ -200,13 +201,18 @@ def source_weights(cfg, args, add_eot):
 
 
 def make_optimizer(model, cfg):
-    # LIMA §3: weight decay 0.1 on the matrices; norms' gains are not decayed
+    # LIMA §3: AdamW (0.9, 0.95), weight decay 0.1 on the matrices; norms' gains are not decayed
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    hp = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if distributed.param_dtype(cfg) == torch.bfloat16:
+        # bf16 master weights: LIMA's updates are below bf16's resolution; optim.AdamW keeps
+        # them by stochastic rounding
+        return optim.AdamW(groups, seed=cfg.seed, **hp)
     # fused: one kernel for the whole update on GPUs (torchtitan's default); elsewhere foreach
     fused = all(p.device.type == "cuda" for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
+    return torch.optim.AdamW(groups, fused=fused or None, **hp)
 
 
 # ---- evaluation --------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     python demo/make_demo.py        # deterministic: the committed files are its output
 
-Like GAIR/lima (LIMA.md §3): one {"conversations": [user, assistant, ...], "source": ...} per
+Like GAIR/lima (LIMA §2): one {"conversations": [user, assistant, ...], "source": ...} per
 line, 1,000 single-turn examples plus 50 "multi_turn" dialogues (LIMA: 1,000 + 30). Unlike LIMA,
 it is meant for a tiny model trained from scratch on a CPU in minutes, so it is templated:
 short prompts in many phrasings, one fixed answer format per task, answers of 4 to ~30 tokens.

@@ -17,19 +17,19 @@ from ._triton import INTERPRET, LN2_C, LOG2E, LOG2E_C, poisoned_empty, tl, trito
 
 
 def attention_reference(q, k, v, cu_seqlens=None):
-    n_rep = q.shape[2] // k.shape[2]
-    # (B, T, H, D) -> (B, H, T, D); kv heads repeated for each query head of their group
+    # (B, T, H, D) -> (B, H, T, D); enable_gqa: query head h reads kv head h // group, no copies
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    gqa = q.shape[1] != k.shape[1]
     if cu_seqlens is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
     assert q.shape[0] == 1, "a packed batch has B == 1"
-    bounds = cu_seqlens.tolist()
-    out = torch.empty_like(q)
-    for start, end in zip(bounds[:-1], bounds[1:]):  # one causal attention per example
-        out[:, :, start:end] = F.scaled_dot_product_attention(
-            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True)
-    return out.transpose(1, 2)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    # one causal attention per example. split + cat, not writes into slices of one output: the
+    # backward then builds each gradient once, instead of a zero-filled full-size tensor per
+    # example (measured: that fill was a fifth of a CPU training step)
+    outs = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa)
+            for qi, ki, vi in zip(*(t.split(lengths, dim=2) for t in (q, k, v)))]
+    return torch.cat(outs, dim=2).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------

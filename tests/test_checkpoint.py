@@ -3,7 +3,7 @@
 The reference is transformers' LlamaForCausalLM, an independent LLaMA: it writes the Hugging
 Face layouts, its logits are what every load must reproduce (the q/k un-permutation is only
 right if they match), and it must read what we write. The Meta layouts are made here from the
-same weights with this file's own name table, row order and shard splitter (LIMA.md §2).
+same weights with this file's own name table, row order and shard splitter (docs/method.md, Checkpoints).
 """
 
 import errno
@@ -21,7 +21,7 @@ from tokenizer import Tokenizer, file_sha256
 
 transformers = pytest.importorskip("transformers")  # dev dependency: the reference
 
-VOCAB = 301  # the tiny tokenizer's 300 pieces + EOT (LIMA.md §3)
+VOCAB = 301  # the tiny tokenizer's 300 pieces + EOT (LIMA §3)
 ATOL = 1e-4
 
 
@@ -98,7 +98,7 @@ def ref(request, tmp_path_factory):
     return dict(args=args, hf=hf, logits=logits_of(hf), state=state, root=root)
 
 
-# This file's own HF -> Meta table (LIMA.md §2), independent of checkpoint.py's.
+# This file's own HF -> Meta table, independent of checkpoint.py's.
 HF_TO_META = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
               "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
@@ -134,7 +134,7 @@ def meta_state(ref):
 
 
 def write_meta(state, args, out_dir, n_shards, **params_overrides):
-    """Split like Meta's model-parallel release (LIMA.md §2): dim 0 for wq wk wv w1 w3 output,
+    """Split like Meta's model-parallel release: dim 0 for wq wk wv w1 w3 output,
     dim 1 for wo w2 tok_embeddings, norms replicated, a rope.freqs buffer in every shard."""
     os.makedirs(out_dir)
     dim0, dim1 = ("wq", "wk", "wv", "w1", "w3", "output"), ("wo", "w2", "tok_embeddings")

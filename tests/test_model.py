@@ -90,7 +90,7 @@ def test_meta_parameter_names():
 
 
 def test_presets_match_the_paper_sizes():
-    # LIMA.md §2 table: (dim, heads, layers, ffn hidden); parameter counts ~ the names
+    # docs/method.md's table: (dim, heads, layers, ffn hidden); parameter counts ~ the names
     expect = {"7B": (4096, 32, 32, 11008, 6.7e9), "13B": (5120, 40, 40, 13824, 13.0e9),
               "30B": (6656, 52, 60, 17920, 32.5e9), "65B": (8192, 64, 80, 22016, 65.2e9)}
     for name, (dim, heads, layers, hidden, n_params) in expect.items():

@@ -1,4 +1,4 @@
-"""prepare_data.py: the token layout and mask of LIMA's chat format (LIMA.md §3), trimming, the
+"""prepare_data.py: the token layout and mask of LIMA's chat format (LIMA §3), trimming, the
 dev split, both input formats, the readers, the demo, and every bad input (message + nothing
 written). Expected tokens are built by hand from tokenizer.encode, not from encode_dialog."""
 

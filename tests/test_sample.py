@@ -1,4 +1,4 @@
-"""sample.py: the paper's decoding (LIMA.md §5) on hand-made logits, the KV-cache decode loop
+"""sample.py: the paper's decoding (LIMA §5) on hand-made logits, the KV-cache decode loop
 against a plain no-cache greedy loop, batching, stopping, layer placement, and the CLI."""
 
 import io
@@ -50,7 +50,7 @@ def prompts_of(tok, texts):
     return [tok.encode_dialog([t])[0] for t in texts]
 
 
-# ---- LIMA.md §5 on hand-made logits ------------------------------------------------------------
+# ---- LIMA §5 on hand-made logits ------------------------------------------------------------
 
 def test_repetition_penalty_divides_positive_multiplies_negative_once_per_token():
     logits = torch.tensor([[2.4, -1.0, 0.6, 3.0, 0.0]])

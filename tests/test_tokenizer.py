@@ -1,4 +1,4 @@
-"""The chat format of LIMA.md §3 on a tiny SentencePiece model trained in conftest.py."""
+"""The chat format of LIMA §3 on a tiny SentencePiece model trained in conftest.py."""
 
 import pytest
 
