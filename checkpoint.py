@@ -312,7 +312,7 @@ def iter_weights(path, args=None):
     for name, tensor, where in source:
         layer = _layer_of(name)
         if name not in expected and layer is not None and layer >= args.n_layers:
-            raise ValueError(_layer_count_mismatch(path, meta, args.n_layers, f"holds {name}"))
+            raise ValueError(_layer_count_mismatch(path, meta, args.n_layers, f"include {name}"))
         if name not in expected or name in seen:
             raise ValueError(f"{where}: {'repeated' if name in seen else 'unexpected'} tensor "
                              f"{name!r}. This loader reads LLaMA checkpoints only; check that "

@@ -469,7 +469,7 @@ def test_index_without_weight_map_and_params_without_dim(ref, tmp_path):
         checkpoint.load_model(meta)
 
 
-@pytest.mark.parametrize("n_layers, holds", [(4, "hold 2 layers"), (1, "holds layers.1.")])
+@pytest.mark.parametrize("n_layers, holds", [(4, "hold 2 layers"), (1, "include layers.1.")])
 def test_a_wrong_layer_count_names_the_disagreement(ref, tmp_path, n_layers, holds):
     path = shutil.copytree(ref["root"] / "single", tmp_path / "hf")
     config = json.loads((path / "config.json").read_text())
