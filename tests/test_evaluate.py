@@ -635,3 +635,8 @@ def test_judge_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, tiny
     err = capsys.readouterr().err
     assert f"{other} (sha256" in err and "is not the tokenizer" in err and "Traceback" not in err
     del torch
+
+
+def test_bootstrap_without_resamples_is_a_clear_error():
+    with pytest.raises(ValueError, match="at least one resample"):
+        stats.bootstrap_ci([1.0, 0.0], n_boot=0)
