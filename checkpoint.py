@@ -24,7 +24,6 @@ fsync'd, then renamed into place: out_dir is never half-written.
 
 import dataclasses
 import errno
-import json
 import os
 import re
 import shutil
@@ -63,9 +62,27 @@ def _torch_load(file):
                          f"and torch.save.") from e
 
 
-def _read_json(file):
-    with open(file) as f:
-        return json.load(f)
+def _read_json(file, fix):
+    """A JSON object file of a checkpoint; anything wrong with it: one ValueError naming the file."""
+    value = files.read_json(file, fix)
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: holds a JSON {type(value).__name__}, expected an object. {fix}")
+    return value
+
+
+def _config_value(c, key, file, fix, kind=int):
+    """A required field of params.json / config.json, of the right type (positive ints)."""
+    value = c.get(key)
+    if kind is int and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"{file}: {'has no ' + repr(key) if key not in c else f'{key!r} is {value!r}'}"
+                         f" (a positive integer is needed). {fix}")
+    if kind is float and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        raise ValueError(f"{file}: {'has no ' + repr(key) if key not in c else f'{key!r} is {value!r}'}"
+                         f" (a number is needed). {fix}")
+    return value
+
+
+CONFIG_FIX = "Use the {name} that came with the weights (download it again if it was damaged)."
 
 
 # ---- which layout ----------------------------------------------------------------------------
@@ -119,8 +136,13 @@ def _hf_weight_files(path):
         index = os.path.join(path, index_name)
         if not os.path.isfile(index):
             continue
+        fix = "Download the index again with the weights it lists."
+        weight_map = _read_json(index, fix).get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map and
+                all(isinstance(v, str) for v in weight_map.values())):
+            raise ValueError(f"{index}: no 'weight_map' of tensor names to files. {fix}")
         by_file = {}
-        for name, file in _read_json(index)["weight_map"].items():
+        for name, file in weight_map.items():
             by_file.setdefault(file, []).append(name)
         for file, names in by_file.items():
             if not os.path.isfile(os.path.join(path, file)):
@@ -146,13 +168,15 @@ def load_args(path):
 
 def _meta_args(path):
     file = os.path.join(path, "params.json")
-    p = _read_json(file)
+    fix = CONFIG_FIX.format(name="params.json")
+    p = _read_json(file, fix)
+    dim, n_layers, n_heads = (_config_value(p, k, file, fix) for k in ("dim", "n_layers", "n_heads"))
     unsupported = [k for k in p if k.startswith(("vision", "moe")) or k in ("quantization_args", "lora_args")]
     if unsupported:
         raise ValueError(f"{file}: {', '.join(unsupported)}: not a plain LLaMA (vision, mixture of "
                          f"experts or quantized weights); this project fine-tunes text LLaMAs.")
-    if "norm_eps" not in p:  # read it, never assume it: LLaMA 1 uses 1e-6, 65B and Llama 2 1e-5
-        raise ValueError(f"{file}: has no norm_eps. Use the params.json that came with the weights.")
+    # read it, never assume it: LLaMA 1 uses 1e-6, 65B and Llama 2 1e-5
+    norm_eps = _config_value(p, "norm_eps", file, fix, float)
     shards = _meta_shards(path)
     vocab = p.get("vocab_size", -1)
     if vocab <= 0:  # Meta writes -1 for LLaMA 1 / 2: the vocabulary is the embedding's row count
@@ -165,10 +189,10 @@ def _meta_args(path):
         scaling = RopeScaling(factor=p.get("rope_scaling_factor", 8.0),
                               high_freq_factor=p.get("rope_high_freq_factor", 4.0))
         context = p.get("max_seq_len", 131072)  # Llama 3.1's context (transformers' converter)
-    args = ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads,
                      n_kv_heads=p.get("n_kv_heads"), vocab_size=vocab,
                      multiple_of=p.get("multiple_of", 256),
-                     ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=p["norm_eps"],
+                     ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=norm_eps,
                      rope_theta=p.get("rope_theta", 10000.0), rope_scaling=scaling,
                      max_seq_len=context)
     args.tie_embeddings = _meta_tied(shards, args)
@@ -202,8 +226,14 @@ def _meta_tied(shards, args):
     return True
 
 
+HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+               "intermediate_size")
+
+
 def _hf_args(file):
-    c = _read_json(file)
+    fix = CONFIG_FIX.format(name="config.json")
+    c = _read_json(file, fix)
+    required = {k: _config_value(c, k, file, fix) for k in HF_REQUIRED}
     _check_hf_config(c, file)
     rope = _hf_rope(c)
     scaling = None
@@ -212,11 +242,11 @@ def _hf_args(file):
                               high_freq_factor=rope["high_freq_factor"],
                               original_max_position_embeddings=rope["original_max_position_embeddings"])
     head_dim = c.get("head_dim")
-    if head_dim == c["hidden_size"] // c["num_attention_heads"]:
+    if head_dim == required["hidden_size"] // required["num_attention_heads"]:
         head_dim = None  # the usual width: nothing to record
-    return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
-                     n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads"),
-                     vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"],
+    return ModelArgs(dim=required["hidden_size"], n_layers=required["num_hidden_layers"],
+                     n_heads=required["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads"),
+                     vocab_size=required["vocab_size"], hidden_dim=required["intermediate_size"],
                      norm_eps=c.get("rms_norm_eps", 1e-6),  # LlamaConfig's own default
                      rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
                      rope_scaling=scaling, head_size=head_dim,
@@ -331,10 +361,14 @@ def iter_weights(path, args=None):
     args = args or load_args(path)
     expected = expected_shapes(args)
     seen, files = set(), []
-    source = _iter_meta(path, args) if detect_layout(path) == "meta" else _iter_hf(path, args)
+    meta = detect_layout(path) == "meta"
+    source = _iter_meta(path, args) if meta else _iter_hf(path, args)
     for name, tensor, where in source:
         if args.tie_embeddings and name == "output.weight":
             continue  # tied: it is tok_embeddings.weight (Meta's shards store a copy, HF's usually none)
+        layer = _layer_of(name)
+        if name not in expected and layer is not None and layer >= args.n_layers:
+            raise ValueError(_layer_count_mismatch(path, meta, args.n_layers, f"include {name}"))
         if name not in expected or name in seen:
             raise ValueError(f"{where}: {'repeated' if name in seen else 'unexpected'} tensor "
                              f"{name!r}. This loader reads LLaMA checkpoints only; check that "
@@ -345,15 +379,49 @@ def iter_weights(path, args=None):
                 f"(params.json / config.json) says {expected[name]}. The config and the weights "
                 f"are from different models, or a shard is missing; use the files that were "
                 f"released together.")
+        if not _all_finite(tensor):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{where}: {name} holds {bad} NaN or infinite values (of "
+                             f"{tensor.numel()}): these weights can only produce garbage. The "
+                             f"checkpoint is damaged (a diverged run or a corrupt file); use "
+                             f"another checkpoint, or download this one again.")
         seen.add(name)
         if where not in files:
             files.append(where)
         yield name, tensor
     missing = [name for name in expected if name not in seen]
+    held = {_layer_of(name) for name in seen} - {None}
+    n_held = max(held, default=-1) + 1
+    if missing and n_held < args.n_layers and all(
+            _layer_of(name) is not None and _layer_of(name) >= n_held for name in missing):
+        raise ValueError(_layer_count_mismatch(path, meta, args.n_layers, f"hold {n_held} layers"))
     if missing:
         raise ValueError(f"{', '.join(files)}: no {', '.join(missing[:5])}"
                          f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''} in "
                          f"these files. The checkpoint is incomplete: download it again.")
+
+
+def _layer_of(name):
+    """layers.12.attention.wq.weight -> 12; None for the embedding, final norm and head."""
+    m = re.match(r"layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _layer_count_mismatch(path, meta, n_layers, what_weights_hold):
+    file, key = ("params.json", "n_layers") if meta else ("config.json", "num_hidden_layers")
+    return (f"{os.path.join(path, file)} says {key} = {n_layers}, but the weights in {path} "
+            f"{what_weights_hold}: the config and the weights disagree on the number of layers. "
+            f"The weights are what they are; use the {file} that came with them (or set {key} "
+            f"to the number of layers the weight files hold).")
+
+
+def _all_finite(tensor):
+    # a sum is finite exactly when every element is, unless finite values overflow it (then the
+    # elementwise check decides): one fast pass over the tensor as it is read (~30 GB/s on one
+    # CPU core), so NaN weights are refused at load, naming the tensor
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 # Meta's model-parallel split: column-parallel matrices are cut along their output
@@ -412,8 +480,20 @@ def _iter_hf(path, args):
 def _open_weights(file):
     """(names in the file, name -> tensor), reading one tensor per call."""
     if file.endswith(".safetensors"):
-        with safe_open(file, framework="pt") as f:
-            yield list(f.keys()), f.get_tensor
+        try:
+            handle = safe_open(file, framework="pt")
+        except Exception as e:  # safetensors' own error type: a damaged header or a short file
+            raise ValueError(f"{file}: cannot be read as safetensors ({e}). The file is truncated "
+                             f"or corrupt: download it again.") from None
+
+        def get(name):
+            try:
+                return f.get_tensor(name)
+            except Exception as e:
+                raise ValueError(f"{file}: cannot read {name} ({e}). The file is truncated or "
+                                 f"corrupt: download it again.") from None
+        with handle as f:
+            yield list(f.keys()), get
     else:
         weights = _torch_load(file)
         yield list(weights), weights.pop
@@ -462,13 +542,31 @@ def load_model_and_tokenizer(path, tokenizer_path=None, dtype=torch.float32, dev
                                 f"its parent. Pass tokenizer_path= (the tokenizer file of these weights).")
     tok = load_tokenizer(tokenizer_path)
     tok.check_model_vocab(load_args(path).vocab_size, path)
+    check_tokenizer(path, tok)
     return load_model(path, dtype=dtype, device=device, **arg_overrides), tok
 
 
+def check_tokenizer(path, tokenizer):
+    """A checkpoint we wrote records the sha256 of the tokenizer it was trained with
+    (lima.json["tokenizer_sha256"]); another tokenizer, even one of the same size, would map
+    its ids to other pieces: refused. Checkpoints from elsewhere record nothing: not checked."""
+    want = read_extra(path).get("tokenizer_sha256")
+    if want is None or tokenizer.sha256() == want:
+        return
+    raise ValueError(
+        f"{tokenizer.path} (sha256 {tokenizer.sha256()[:12]}...) is not the tokenizer "
+        f"{os.path.join(os.fspath(path), 'lima.json')} records for this checkpoint (sha256 "
+        f"{want[:12]}...): its ids would mean other pieces and the output would be garbage. Use "
+        f"the tokenizer.model saved in {path}.")
+
+
 def read_extra(path):
-    """What lima.json holds (the `extra` given to save_hf), {} for a checkpoint not ours."""
+    """What lima.json holds (the `extra` given to save_hf, plus the tokenizer's sha256), {} for
+    a checkpoint not ours."""
     file = os.path.join(os.fspath(path), "lima.json")
-    return _read_json(file) if os.path.isfile(file) else {}
+    fix = ("It holds this project's notes on the checkpoint (EOT id, tokenizer sha256, training "
+           "config); restore it from where the checkpoint came from.")
+    return _read_json(file, fix) if os.path.isfile(file) else {}
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -481,7 +579,8 @@ def save_model(model, out_dir, tokenizer_path=None, extra=None):
 
 def save_hf(out_dir, args, named_tensors, tokenizer_path=None, extra=None,
             max_shard_bytes=2 * 2**30, dtype=None):
-    """Write the Hugging Face LLaMA layout at out_dir, atomically.
+    """Write the Hugging Face LLaMA layout at out_dir, atomically. lima.json holds `extra` and,
+    with a tokenizer, its sha256 ("tokenizer_sha256"), which every loader checks.
 
     named_tensors: (meta_name, tensor) pairs, consumed one at a time (train.py streams
     parameters gathered on rank 0), so at most one shard's worth of tensors is held.
@@ -489,12 +588,14 @@ def save_hf(out_dir, args, named_tensors, tokenizer_path=None, extra=None,
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_replaceable(out_dir)
-    bos, eos, eot = 1, 2, (extra or {}).get("eot_id")  # LLaMA's ids
+    extra = dict(extra or {})
+    bos, eos, eot = 1, 2, extra.get("eot_id")  # LLaMA's ids
     if tokenizer_path is not None:
         tok = load_tokenizer(tokenizer_path)
         tok.check_model_vocab(args.vocab_size, out_dir)
         bos, eos = tok.bos_id, tok.eos_id
         eot = tok.eot_id if args.vocab_size == tok.vocab_size else None
+        extra["tokenizer_sha256"] = tok.sha256()  # its identity: loaders refuse another one
     tmp = files.make_temp_dir(out_dir)
     try:
         torch_dtype = _write_shards(tmp, args, named_tensors, max_shard_bytes, dtype)
@@ -502,7 +603,7 @@ def save_hf(out_dir, args, named_tensors, tokenizer_path=None, extra=None,
         files.write_json(os.path.join(tmp, "generation_config.json"), generation_config(bos, eos, eot))
         if tokenizer_path is not None:
             _write_tokenizer(tmp, tok, eot)
-        files.write_json(os.path.join(tmp, "lima.json"), extra or {})
+        files.write_json(os.path.join(tmp, "lima.json"), extra)
         files.swap_dir(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,10 +9,21 @@
 Every field becomes `--name` with its default and help text in `-h`; bools become
 `--name / --no-name`. `--preset NAME` applies a named dict of overrides first, then any
 flag given on the command line wins. Unknown flags are errors (no silent typos).
+
+A field's valid values live in its metadata and are checked when the command line is read
+(`check_ranges`), so a bad value is refused by name before any work:
+
+    top_p: float = field(default=0.9, metadata={"gt": 0, "max": 1})     # (0, 1]
+    batch_size: int = field(default=16, metadata={"min": 1})
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32")})
+
+`min` and `max` are inclusive, `gt` an exclusive lower bound; None (an Optional left unset)
+is always allowed; a list's every element is checked.
 """
 
 import argparse
 import dataclasses
+import math
 import typing
 
 
@@ -34,7 +45,8 @@ def build_parser(cls, presets=None, description=None):
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f.metadata.get("help", " ") + f" (default: {default!r})"
+        valid = describe_range(f.metadata)
+        text = f.metadata.get("help", " ") + f" (default: {default!r}{'; ' + valid if valid else ''})"
         kwargs = dict(default=argparse.SUPPRESS, help=text.replace("%", "%%"))  # argparse formats help with %
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
@@ -52,13 +64,45 @@ def build_parser(cls, presets=None, description=None):
 
 def parse_config(cls, argv=None, presets=None, description=None):
     """Defaults < preset < command line. Returns an instance of `cls`."""
-    ns = vars(build_parser(cls, presets, description).parse_args(argv))
+    parser = build_parser(cls, presets, description)
+    ns = vars(parser.parse_args(argv))
     values = {}
     preset = ns.pop("preset", None)
     if preset is not None:
         values.update(presets[preset])
     values.update(ns)
-    return cls(**values)
+    cfg = cls(**values)
+    try:
+        check_ranges(cfg)
+    except ValueError as e:
+        parser.error(str(e))  # usage, the message, exit status 2: as for a value of the wrong type
+    return cfg
+
+
+def describe_range(metadata):
+    """The valid values a field's metadata allows, in words ("" when any value goes)."""
+    if "choices" in metadata:
+        return "one of " + ", ".join(map(str, metadata["choices"]))
+    low = (f"at least {metadata['min']}" if "min" in metadata else
+           f"greater than {metadata['gt']}" if "gt" in metadata else None)
+    high = f"at most {metadata['max']}" if "max" in metadata else None
+    return " and ".join(x for x in (low, high) if x)
+
+
+def check_ranges(cfg):
+    """Every field's value against its metadata (min, max, gt, choices), and every float finite:
+    ValueError naming the flag and what it may be, for the first value outside."""
+    for f in dataclasses.fields(cfg):
+        m, value = f.metadata, getattr(cfg, f.name)
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v is None or isinstance(v, bool):
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"--{f.name} {v!r}: must be a finite number")
+            ok = (("choices" not in m or v in m["choices"]) and ("min" not in m or v >= m["min"])
+                  and ("gt" not in m or v > m["gt"]) and ("max" not in m or v <= m["max"]))
+            if not ok:
+                raise ValueError(f"--{f.name} {v!r}: must be {describe_range(m)}")
 
 
 # ---- "auto" devices and dtypes: resolved here, spelled as torch spells them -------------------
@@ -71,7 +115,11 @@ def resolve_device(name="auto"):
     import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if kind.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name}: no CUDA device here; use cpu")
     return name
 

@@ -18,9 +18,11 @@
 """
 
 import array
+import errno
 import json
 import os
 import random
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -65,7 +67,23 @@ def _parse_object(raw):
         raise DataError("invalid JSON: nested too deeply") from None
     if not isinstance(row, dict):
         raise DataError(f"expected a JSON object per line, got {_json_type(row)}")
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_surrogates(row)
     return row
+
+
+# JSON may spell half of a UTF-16 pair alone ("\ud800"); json.loads accepts it, but it is not
+# text: tokenizing or writing it fails later, far from the line. Valid UTF-8 cannot hold one, so
+# only lines with such an escape need the (slower) full check.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_surrogates(row):
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"a lone surrogate \\u{ord(e.object[e.start]):04x} (half of a UTF-16 pair) "
+                        f"in a string: not text; remove it or write the whole pair") from None
 
 
 def repair_torn_tail(path):
@@ -99,13 +117,19 @@ def read_jsonl(path, parse=None, repair_tail=False, desc=None):
     ones are reported together, each as `path:line: what`. repair_tail: the file is one of our
     resumable outputs (repair_torn_tail first)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a directory; a JSON-lines file is needed here")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     if repair_tail:
         repair_torn_tail(path)
     size = os.path.getsize(path)
     rows, errors, n_bad = [], [], 0
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, file=sys.stderr,
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    with f, tqdm(total=size, unit="B", unit_scale=True, file=sys.stderr,
                                      desc=desc or f"reading {os.path.basename(path)}",
                                      disable=size < PROGRESS_BYTES) as bar:
         for line_no, raw in enumerate(f, 1):
@@ -136,27 +160,55 @@ def write_jsonl(path, records):
 
 
 class Appender:
-    """Appends records to a resumable output, each one flushed and fsync'd before the next is
-    made: a killed run keeps every record it finished."""
+    """Appends records to a resumable output, each one written whole and fsync'd before the next
+    is made: a killed run keeps every record it finished. A write that fails (a full or
+    read-only disk) is cut back off, so the file ends on the last whole record."""
 
     def __init__(self, path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path = path
-        self.f = open(path, "a", encoding="utf-8")
+        self.path = os.fspath(path)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OSError(write_failure(self.path, e, "cannot be opened for writing")) from None
 
     def write(self, record):
-        self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        end = os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:  # os.write may write less than asked
+                view = view[os.write(self.fd, view):]
+            os.fsync(self.fd)
+        except BaseException as e:  # a full disk, or Ctrl-C mid-record: no half a record left
+            try:
+                os.ftruncate(self.fd, end)
+            except OSError:
+                pass  # the next run's repair_torn_tail cuts a torn line off instead
+            if isinstance(e, OSError):
+                raise OSError(write_failure(self.path, e, "a record could not be written")) from None
+            raise
 
     def close(self):
-        self.f.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def write_failure(path, e, what):
+    """The message for an output that cannot be written: which file, why, what to do."""
+    advice = {errno.ENOSPC: "the disk is full: free some space",
+              errno.EDQUOT: "the disk quota is used up: free some space",
+              errno.EROFS: "the file system is read-only: write somewhere else",
+              errno.EACCES: "no permission to write there: write somewhere else",
+              errno.EISDIR: "it is a directory: give a file name"}.get(e.errno, "check the disk")
+    return f"{path}: {what} ({e.strerror or e}); {advice}"
 
 
 # ---- conversations -----------------------------------------------------------------------------
@@ -343,6 +395,10 @@ def _missing(data_dir, what):
         f"--out_dir {data_dir}` (or `python prepare_data.py --demo --out_dir {data_dir}`) first.")
 
 
+META_FIELDS = {"tokenizer": str, "tokenizer_sha256": str, "eot_id": int, "vocab_size": int,
+               "max_len": int}  # what the readers of meta.json rely on
+
+
 def load_meta(data_dir):
     """meta.json of a prepared data dir. `tokenizer` falls back to a tokenizer.model inside the
     dir when the recorded path is gone (the dir was moved); train.py checks the sha256."""
@@ -353,14 +409,16 @@ def load_meta(data_dir):
     if not os.path.isfile(path):
         raise _missing(data_dir, "no meta.json, so this is not a prepared data directory")
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable ({e}); run prepare_data.py again") from None
+        meta = files.read_json(path, "Run prepare_data.py again.")
+    except ValueError as e:
+        raise DataError(str(e)) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DataError(f"{path}: not written by this prepare_data.py (format "
                         f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected "
                         f"{FORMAT!r}); run prepare_data.py again")
+    wrong = [k for k, kind in META_FIELDS.items() if not isinstance(meta.get(k), kind)]
+    if wrong:
+        raise DataError(f"{path}: {', '.join(wrong)} missing or garbled; run prepare_data.py again")
     local = os.path.join(data_dir, "tokenizer.model")
     if not os.path.isfile(meta["tokenizer"]) and os.path.isfile(local):
         meta["tokenizer"] = os.path.abspath(local)

@@ -18,8 +18,19 @@ def choose_devices(device, args, dtype, rows, context):
     visible GPU."""
     if device != "auto":
         devices = [d.strip() for d in device.split(",") if d.strip()]
-        if any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device here; use --device cpu")
+        for d in devices:
+            try:
+                kind = torch.device(d)
+            except RuntimeError:
+                raise ValueError(f"--device {device}: {d!r} is not a device; use auto, cpu, cuda, "
+                                 f"cuda:N or a list such as cuda:0,cuda:1") from None
+            if kind.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"--device {device}: no CUDA device here; use --device cpu")
+            if kind.type == "cuda" and (kind.index or 0) >= torch.cuda.device_count():
+                raise ValueError(f"--device {device}: there is no {d} here ({torch.cuda.device_count()} "
+                                 f"GPUs: cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+        if not devices:
+            raise ValueError("--device is empty; use auto, cpu, cuda or cuda:N")
         return devices
     if not torch.cuda.is_available():
         return ["cpu"]

@@ -29,6 +29,7 @@ not, is appended to --out the moment it is made: the raw judgements are the resu
 """
 
 import os
+import shlex
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from typing import Optional
 
 import config
 import data
+import files
 from data import Appender, describe, prompt_key
 from judging import (HELPFULNESS_PROMPT, HUMAN_KEYS, LABELS, PAIRWISE_QUESTION, fit_question,
                      human_view, load_model_judge, pairwise_items, parse_preference, parse_score,
@@ -44,9 +46,13 @@ from judging import (HELPFULNESS_PROMPT, HUMAN_KEYS, LABELS, PAIRWISE_QUESTION, 
 from report import (count_str, format_helpfulness, format_pairwise, helpfulness_title,
                     judges_of, pct, pairwise_title, png_chart, text_chart)
 from stats import agreement, helpfulness_summary, pairwise_summary
+from tokenizer import file_sha256
 
 class EvalError(Exception):
     """A problem with the user's files or flags: printed as one line, no traceback."""
+
+
+DTYPE_CHOICES = ("auto",) + config.DTYPES
 
 
 # ---- configuration: one dataclass per subcommand ----------------------------------------------
@@ -59,15 +65,15 @@ class PairwiseConfig:
     judge: str = field(default="human", metadata={"help": "'human' (you, in this terminal) or a checkpoint directory"})
     out: str = field(default="", metadata={"help": "judgements (JSON lines), appended as they are made; rerun to resume"})
     both_orders: bool = field(default=False, metadata={"help": "ask every pair in both A/B orders: cancels position bias"})
-    seed: int = field(default=0, metadata={"help": "seeds each prompt's A/B order (recorded)"})
+    seed: int = field(default=0, metadata={"help": "seeds each prompt's A/B order (recorded)", "min": 0})
     judge_name: Optional[str] = field(default=None, metadata={"help": "recorded as 'judge'; default: --judge"})
     # judge model only
     tokenizer: Optional[str] = field(default=None, metadata={"help": "judge's tokenizer file (tokenizer.model or tokenizer.json) if not in its directory"})
-    max_new_tokens: int = field(default=256, metadata={"help": "judge's answer length (greedy, stops at EOT)"})
-    batch_size: int = field(default=8, metadata={"help": "questions per judge forward pass"})
+    max_new_tokens: int = field(default=256, metadata={"help": "judge's answer length (greedy, stops at EOT)", "min": 1})
+    batch_size: int = field(default=8, metadata={"help": "questions per judge forward pass", "min": 1})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto"})
-    dtype: str = field(default="auto", metadata={"help": "bfloat16, float16, float32, or auto (bf16 on GPU)"})
-    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the summary's 95% CIs"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 on GPU", "choices": DTYPE_CHOICES})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the summary's 95% CIs", "min": 1})
 
 
 @dataclass
@@ -78,27 +84,27 @@ class HelpfulnessConfig:
     out: str = field(default="", metadata={"help": "grades (JSON lines), appended as they are made; rerun to resume"})
     judge_name: Optional[str] = field(default=None, metadata={"help": "recorded as 'judge'; default: --judge"})
     tokenizer: Optional[str] = field(default=None, metadata={"help": "judge's tokenizer file (tokenizer.model or tokenizer.json) if not in its directory"})
-    max_new_tokens: int = field(default=512, metadata={"help": "room for the step-by-step reasoning before the score"})
-    batch_size: int = field(default=8, metadata={"help": "questions per judge forward pass"})
+    max_new_tokens: int = field(default=512, metadata={"help": "room for the step-by-step reasoning before the score", "min": 1})
+    batch_size: int = field(default=8, metadata={"help": "questions per judge forward pass", "min": 1})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto"})
-    dtype: str = field(default="auto", metadata={"help": "bfloat16, float16, float32, or auto (bf16 on GPU)"})
-    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the summary's 95% CIs"})
-    seed: int = field(default=0, metadata={"help": "bootstrap seed"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 on GPU", "choices": DTYPE_CHOICES})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the summary's 95% CIs", "min": 1})
+    seed: int = field(default=0, metadata={"help": "bootstrap seed", "min": 0})
 
 
 @dataclass
 class ReportConfig:
     """Tables (and a chart) of judgement or grade files."""
     chart: Optional[str] = field(default=None, metadata={"help": "PNG to write (needs matplotlib; else a text chart)"})
-    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples over prompts for 95% CIs"})
-    seed: int = field(default=0, metadata={"help": "bootstrap seed"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples over prompts for 95% CIs", "min": 1})
+    seed: int = field(default=0, metadata={"help": "bootstrap seed", "min": 0})
 
 
 @dataclass
 class AgreementConfig:
     """Agreement of two judges on their shared prompts, scored as LIMA §4 does."""
-    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples over prompts for the 95% CI"})
-    seed: int = field(default=0, metadata={"help": "bootstrap seed"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples over prompts for the 95% CI", "min": 1})
+    seed: int = field(default=0, metadata={"help": "bootstrap seed", "min": 0})
 
 
 @dataclass
@@ -113,7 +119,12 @@ class Pair:
 
 def pair_generations(path_a, path_b):
     """Two generation files -> one Pair per prompt, in file a's order. Both files must hold
-    exactly the same prompts once each: anything else is an error naming file:line."""
+    exactly the same prompts once each: anything else is an error naming file:line. The same
+    file (or two identical ones) on both sides would compare a system with itself: refused."""
+    if same_file(path_a, path_b):
+        raise EvalError(f"--a {path_a} and --b {path_b} are the same "
+                        f"{'file' if _samefile(path_a, path_b) else 'generations (identical files)'}:"
+                        f" pairwise compares two systems' answers; give the other system's file")
     gens = {path_a: data.read_generations(path_a), path_b: data.read_generations(path_b)}
     by_id = all(g.id is not None for gs in gens.values() for g in gs)
     index = {}
@@ -143,7 +154,34 @@ def pair_generations(path_a, path_b):
     return pairs
 
 
+def _samefile(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def same_file(a, b):
+    """The same file, or two files with the same bytes."""
+    if _samefile(a, b):
+        return True
+    if not (os.path.isfile(a) and os.path.isfile(b)) or os.path.getsize(a) != os.path.getsize(b):
+        return False
+    return file_sha256(a) == file_sha256(b)
+
+
 # ---- judgement files: appended and fsynced one record at a time (data.Appender) --------------
+
+def check_out(out, *inputs):
+    """--out is appended to: it must be a file, and not one of the inputs."""
+    if os.path.isdir(out):
+        raise EvalError(f"--out {out} is a directory; give a file name, e.g. "
+                        f"{os.path.join(out, 'judgements.jsonl')}")
+    for path in inputs:
+        if _samefile(out, path):
+            raise EvalError(f"--out {out} is also an input ({path}); judgements go to a file of "
+                            f"their own")
+
 
 def read_previous(path, expect, what):
     """Records already in an --out file, for resuming (a torn last line is cut off); records
@@ -187,6 +225,12 @@ def run_pairwise(cfg, judge=None, ask=input, show=print):
     for name in ("a", "b", "out"):
         if not getattr(cfg, name):
             raise EvalError(f"--{name} is required")
+    check_out(cfg.out, cfg.a, cfg.b)
+    with files.lock(cfg.out):  # one session per --out; a second is refused while it runs
+        return _run_pairwise(cfg, judge, ask, show)
+
+
+def _run_pairwise(cfg, judge, ask, show):
     pairs = pair_generations(cfg.a, cfg.b)
     items = pairwise_items(pairs, cfg.seed, cfg.both_orders)
     meta = {"judge": judge_name(cfg), "seed": cfg.seed, "a": _basename(cfg.a), "b": _basename(cfg.b)}
@@ -225,12 +269,12 @@ def _human_session(todo, total, out, meta, ask, show):
                 break
             show("please type a, b, t, s or q, then Enter")
         if key == "q":
-            show(f"\nstopped at {done}/{total}; every answer is saved in {out.f.name}. "
+            show(f"\nstopped at {done}/{total}; every answer is saved in {out.path}. "
                  f"Run the same command to go on from here.")
             return
         out.write(_pair_record(pair, order, key, undo_order(HUMAN_KEYS[key], order), meta))
         done += 1
-    show(f"\nall {total} pairs judged; saved in {out.f.name}")
+    show(f"\nall {total} pairs judged; saved in {out.path}")
 
 
 def _progress(total, desc):
@@ -240,22 +284,21 @@ def _progress(total, desc):
 
 def _model_session(todo, judge, out, meta):
     bs = max(getattr(judge, "batch_size", 8), 1)
-    bar = _progress(len(todo), "judging")
     bad = 0
-    for i in range(0, len(todo), bs):
-        batch = todo[i:i + bs]
-        fitted = [fit_question(partial(PAIRWISE_QUESTION.format, prompt=p.prompt), judge,
-                               **dict(zip(("answer_a", "answer_b"), shown_answers(p, o))))
-                  for p, o in batch]
-        raws = judge([q for q, _ in fitted])
-        for (pair, order), (_, trimmed), raw in zip(batch, fitted, raws):
-            label = undo_order(parse_preference(raw), order)
-            bad += label is None
-            extra = {"trimmed": True} if trimmed else {}
-            out.write(_pair_record(pair, order, raw, label, meta, **extra))
-        bar.update(len(batch))
-        bar.set_postfix(unparseable=bad)
-    bar.close()
+    with _progress(len(todo), "judging") as bar:
+        for i in range(0, len(todo), bs):
+            batch = todo[i:i + bs]
+            fitted = [fit_question(partial(PAIRWISE_QUESTION.format, prompt=p.prompt), judge,
+                                   **dict(zip(("answer_a", "answer_b"), shown_answers(p, o))))
+                      for p, o in batch]
+            raws = judge([q for q, _ in fitted])
+            for (pair, order), (_, trimmed), raw in zip(batch, fitted, raws):
+                label = undo_order(parse_preference(raw), order)
+                bad += label is None
+                extra = {"trimmed": True} if trimmed else {}
+                out.write(_pair_record(pair, order, raw, label, meta, **extra))
+            bar.update(len(batch))
+            bar.set_postfix(unparseable=bad)
 
 
 # ---- helpfulness ------------------------------------------------------------------------------
@@ -282,6 +325,12 @@ def run_helpfulness(cfg, judge=None):
     for name in ("gen", "judge", "out"):
         if not getattr(cfg, name):
             raise EvalError(f"--{name} is required")
+    check_out(cfg.out, cfg.gen)
+    with files.lock(cfg.out):  # one session per --out; a second is refused while it runs
+        return _run_helpfulness(cfg, judge)
+
+
+def _run_helpfulness(cfg, judge):
     items, by_id = sampled_generations(cfg.gen)
     meta = {"judge": judge_name(cfg), "gen": _basename(cfg.gen)}
     previous = read_previous(cfg.out, meta, "grades")
@@ -331,9 +380,9 @@ def read_results(path):
     return kinds.pop(), [row for _, row in rows]
 
 
-def run_report(cfg, files):
+def run_report(cfg, paths):
     pairwise_rows, helpful_rows, blocks = [], [], []
-    for path in files:
+    for path in paths:
         kind, records = read_results(path)
         if kind == "pairwise":
             s = pairwise_summary(records, cfg.bootstrap, cfg.seed)
@@ -358,14 +407,14 @@ def run_report(cfg, files):
     return 0
 
 
-def run_agreement(cfg, files):
-    (kind_1, r1), (kind_2, r2) = read_results(files[0]), read_results(files[1])
+def run_agreement(cfg, paths):
+    (kind_1, r1), (kind_2, r2) = read_results(paths[0]), read_results(paths[1])
     if kind_1 != "pairwise" or kind_2 != "pairwise":
         raise EvalError("agreement compares two pairwise judgement files")
     res = agreement(r1, r2, cfg.bootstrap, cfg.seed)
     f1, f2 = res["files"]
     print("== agreement (LIMA §4: 1 same label, 0.5 when exactly one said tie, 0 otherwise)")
-    print(f"1: {files[0]} ({f1[0]} vs {f1[1]})\n2: {files[1]} ({f2[0]} vs {f2[1]})")
+    print(f"1: {paths[0]} ({f1[0]} vs {f1[1]})\n2: {paths[1]} ({f2[0]} vs {f2[1]})")
     if res["flipped"]:
         print("the two files compare the same systems with a and b swapped: labels of 2 are flipped")
     elif f1 != f2:
@@ -411,8 +460,12 @@ def main(argv=None):
         parser.add_argument("files", nargs=nargs,
                             help="judgement / grade files (the --out of pairwise, helpfulness)")
     ns = vars(parser.parse_args(rest))
-    files = ns.pop("files", None)
+    inputs = ns.pop("files", None)
     cfg = cls(**ns)
+    try:
+        config.check_ranges(cfg)
+    except ValueError as e:
+        parser.error(str(e))  # exit status 2, as for any other bad flag
     try:
         if command == "pairwise":
             records = run_pairwise(cfg)
@@ -425,16 +478,35 @@ def main(argv=None):
                 s = helpfulness_summary(records, cfg.bootstrap, cfg.seed)
                 print(format_helpfulness(s, helpfulness_title(records, cfg.out)))
         elif command == "report":
-            run_report(cfg, files)
+            run_report(cfg, inputs)
         else:
-            run_agreement(cfg, files)
-    except (EvalError, data.DataError, FileNotFoundError) as e:
-        print(f"evaluate.py {command}: error: {e}", file=sys.stderr)
+            run_agreement(cfg, inputs)
+    except (EvalError, data.DataError, OSError) as e:
+        # bad files or flags, a full or read-only disk, another session on the same --out
+        out = getattr(cfg, "out", None)
+        kept = (isinstance(e, OSError) and not isinstance(e, (files.LockedError, FileNotFoundError))
+                and out and os.path.isfile(out))
+        print(f"evaluate.py {command}: error: {e}" + (f". Every judgement made before is kept in "
+              f"{out}; rerun the same command to continue." if kept else ""), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # every judgement made so far is already on disk
-        print(f"\nevaluate.py {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\n" + interrupted(command, cfg, argv), file=sys.stderr)
         return 130
     return 0
+
+
+def interrupted(command, cfg, argv):
+    """One line for Ctrl-C: what was kept, and the command that continues."""
+    out = getattr(cfg, "out", None)
+    if not out:  # report, agreement: they only read
+        return f"evaluate.py {command}: interrupted; nothing was written"
+    try:
+        kept = len(data.read_jsonl(out)) if os.path.isfile(out) else 0
+    except (data.DataError, OSError):
+        kept = "every finished"
+    what = "judgements" if command == "pairwise" else "grades"
+    return (f"evaluate.py {command}: interrupted; {kept} {what} are saved in {out}. To continue: "
+            f"python evaluate.py {shlex.join(argv)}")
 
 
 if __name__ == "__main__":

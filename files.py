@@ -4,12 +4,17 @@ Two moves, each written once here: a file is written beside its final name and r
 it (`write_atomic`, `write_json`); a directory is built beside its final name and swapped in
 (`swap_dir`), the old one moved aside first and deleted last. rename(2) is atomic, and a rename
 is only as durable as the fsync of the directory holding it.
+
+Two more guards: `lock(path)` keeps a second process from writing the same output while the
+first runs, and `read_json` reads a JSON file with one message for anything wrong in it.
 """
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 
 def fsync(path):
@@ -74,3 +79,78 @@ def swap_dir(tmp, final):
             raise
         shutil.rmtree(old, ignore_errors=True)
     fsync(parent)
+
+
+# ---- one writer per output ---------------------------------------------------------------------
+
+class LockedError(OSError):
+    """Another process holds the lock on this output; the message says which and what to do."""
+
+
+@contextmanager
+def lock(path):
+    """Hold an exclusive lock on `path` (a file or directory about to be written) while the
+    block runs; a second process asking for it is refused at once with LockedError.
+
+    The lock is flock(2) on path + ".lock": the kernel drops it when its holder exits, however it
+    dies (kill -9, a crash, a lost node), so it is never left stuck. The lock file is removed
+    on the way out, by its holder, while still holding it; a process that opened it just before
+    finds it gone and tries again on a fresh one."""
+    path = os.fspath(path)
+    lock_path = path + ".lock"
+    while True:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OSError(f"{path}: cannot create its lock file {lock_path} ({e.strerror}); the "
+                          f"output must go to a writable directory") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"{path} is being written by another process (pid {holder}); wait "
+                              f"for it to finish or write elsewhere. The lock goes with that "
+                              f"process, so nothing needs removing by hand.") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a file its last holder had just removed: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for the message another process shows
+        yield
+    finally:
+        try:
+            os.unlink(lock_path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def read_json(path, fix):
+    """A JSON file -> its value. Anything wrong with it (truncated, not JSON, not UTF-8, nested
+    too deeply, unreadable) is a ValueError `path: what is wrong. fix`."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror}). {fix}") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        problem = f"not valid UTF-8 ({e.reason} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        problem = (f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})" if raw.strip()
+                   else "empty (a truncated write?)")
+    except RecursionError:
+        problem = "not valid JSON (nested too deeply)"
+    raise ValueError(f"{path}: {problem}. {fix}")

@@ -21,12 +21,12 @@ from model import UNTRAINED
 @dataclass
 class Decoding:
     """The decoding settings, with the paper's values as defaults (LIMA §5). sample.py's flags."""
-    temperature: float = field(default=0.7, metadata={"help": "LIMA §5; 0 is greedy"})
-    top_p: float = field(default=0.9, metadata={"help": "LIMA §5 nucleus sampling"})
-    repetition_penalty: float = field(default=1.2, metadata={"help": "LIMA §5 (Keskar et al. 2019); 1 is off"})
+    temperature: float = field(default=0.7, metadata={"help": "LIMA §5; 0 is greedy", "min": 0})
+    top_p: float = field(default=0.9, metadata={"help": "LIMA §5 nucleus sampling", "gt": 0, "max": 1})
+    repetition_penalty: float = field(default=1.2, metadata={"help": "LIMA §5 (Keskar et al. 2019); 1 is off", "gt": 0})
     penalize_prompt: bool = field(default=False, metadata={"help": "penalise the prompt's tokens too (transformers' behaviour)"})
-    max_new_tokens: Optional[int] = field(default=None, metadata={"help": "cap on the response; default: until the context is full"})
-    max_seq_len: int = field(default=2048, metadata={"help": "LIMA §5: prompt + response at most this"})
+    max_new_tokens: Optional[int] = field(default=None, metadata={"help": "cap on the response; default: until the context is full", "min": 1})
+    max_seq_len: int = field(default=2048, metadata={"help": "LIMA §5: prompt + response at most this", "min": 2})
 
 
 DECODING = tuple(f for f in Decoding.__dataclass_fields__)  # generate()'s decoding keywords
@@ -137,13 +137,16 @@ def generate(model, prompts, *, stop_ids, max_new_tokens=Decoding.max_new_tokens
              max_seq_len=Decoding.max_seq_len, temperature=Decoding.temperature,
              top_p=Decoding.top_p, repetition_penalty=Decoding.repetition_penalty,
              penalize_prompt=Decoding.penalize_prompt, generator=None, on_token=None,
-             vocab_size=None, compile=False, keep_cache=False, all_done=None):
+             progress=None, vocab_size=None, compile=False, keep_cache=False, all_done=None):
     """Decode a batch of prompts together (LIMA §5).
 
     prompts: token-id lists, BOS included. Returns each prompt's new tokens, without the stop
     token. Row b stops at its first stop id or when prompt + response reach max_seq_len (and
     after max_new_tokens). on_token(row, id) sees each kept token as it is made (a host sync
-    per step). vocab_size: ids at or past it are never sampled (a padded embedding's rows).
+    per step): for streaming. progress(n) is told, every 8 steps and at the end, how many
+    tokens the responses gained since its last call (their sum is every returned token), at no
+    host sync of its own beyond the one every 8 steps decoding already has.
+    vocab_size: ids at or past it are never sampled (a padded embedding's rows).
     The model is put in eval mode and given back in the mode it was in; its KV cache is
     dropped afterwards unless keep_cache (then the next call reuses it when it fits).
     all_done(done) -> bool decides, from the (B,) bool tensor of finished rows, that decoding
@@ -203,12 +206,17 @@ def generate(model, prompts, *, stop_ids, max_new_tokens=Decoding.max_new_tokens
         stopped = torch.zeros(B, dtype=torch.bool, device=out_device)
         host_done = [False] * B  # for on_token only
         new_tokens = []
+        made = torch.zeros((), dtype=torch.long, device=out_device)  # kept tokens so far, for progress
+        reported = 0
 
         for i in range(steps):
             nxt = sample_next(logits, penalized, temperature=temperature, top_p=top_p,
                               repetition_penalty=repetition_penalty, generator=generator)
             new_tokens.append(nxt)
-            stopped |= torch.isin(nxt, stops)
+            is_stop = torch.isin(nxt, stops)
+            if progress is not None:  # a token is kept while its row runs and is within budget
+                made += (~stopped & ~is_stop & (budgets_t > i)).sum()
+            stopped |= is_stop
             if on_token is not None:
                 for row, t in enumerate(nxt.tolist()):
                     if not host_done[row]:
@@ -218,8 +226,13 @@ def generate(model, prompts, *, stop_ids, max_new_tokens=Decoding.max_new_tokens
             if i + 1 == steps:
                 break
             # every row stopped or out of budget: done. Ask only every 8 steps (a host sync)
-            if (on_token is not None or i % 8 == 7) and all_done(stopped | (budgets_t <= i + 1)):
-                break
+            if on_token is not None or i % 8 == 7:
+                if progress is not None and i % 8 == 7:
+                    n = int(made)  # decoding waits here for all_done anyway
+                    progress(n - reported)
+                    reported = n
+                if all_done(stopped | (budgets_t <= i + 1)):
+                    break
             if penalized is not None:
                 penalized.scatter_(1, nxt[:, None], True)
             # token i of row b goes to position n_b + i; finished rows keep writing (clamped)
@@ -243,6 +256,8 @@ def generate(model, prompts, *, stop_ids, max_new_tokens=Decoding.max_new_tokens
         row = row[:budget]
         cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
         results.append(row[:cut])
+    if progress is not None and sum(map(len, results)) > reported:
+        progress(sum(map(len, results)) - reported)
     return results
 
 
@@ -263,6 +278,8 @@ def encode_prompt(tokenizer, turns, raw=False):
     raw: BOS text (one turn), for plain completion."""
     if not turns or not all(isinstance(t, str) for t in turns):
         raise PromptError(f"a prompt is a list of strings, got {turns!r}")
+    for t in turns:
+        check_text(t)
     if not any(t.strip() for t in turns):
         raise PromptError("the prompt is empty")
     if raw:
@@ -273,6 +290,17 @@ def encode_prompt(tokenizer, turns, raw=False):
         raise PromptError(f"a chat prompt ends on a user turn; this one has {len(turns)} turns "
                           f"(ends on an assistant turn)")
     return tokenizer.encode_dialog(turns)[0]
+
+
+def check_text(text, what="the prompt"):
+    """Text the tokenizer can take: no lone surrogate (what undecodable bytes on a command line or
+    a "\\ud800" escape become), which would crash SentencePiece."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"{what} is not valid text: after {text[max(0, e.start - 20):e.start]!r} "
+                          f"comes {text[e.start]!r}, half of a UTF-16 pair or a byte that is not "
+                          f"UTF-8") from None
 
 
 def check_chat_model(model, tokenizer):
@@ -295,12 +323,14 @@ def check_chat_model(model, tokenizer):
 
 
 def respond(model, tokenizer, conversations, *, raw=False, batch_size=16, generator=None,
-            on_token=None, compile=False, keep_cache=False, all_done=None, **decoding):
+            on_token=None, progress=None, compile=False, keep_cache=False, all_done=None,
+            **decoding):
     """Conversations (each a list of turns ending on a user turn) -> response strings.
 
     decoding: max_new_tokens, max_seq_len, temperature, top_p, repetition_penalty,
     penalize_prompt (generate's keywords). Batches of similar prompt length, answers in the
-    input order. on_token(index, id) streams tokens of conversation `index`.
+    input order. on_token(index, id) streams tokens of conversation `index`; progress(n) counts
+    new tokens every few steps (generate's).
     """
     if not raw:
         check_chat_model(model, tokenizer)
@@ -313,8 +343,8 @@ def respond(model, tokenizer, conversations, *, raw=False, batch_size=16, genera
             stream = None if on_token is None else (lambda row, t, idx=idx: on_token(idx[row], t))
             new = generate(model, [prompts[i] for i in idx], stop_ids=stop_ids(tokenizer),
                            vocab_size=tokenizer.vocab_size, generator=generator,
-                           on_token=stream, compile=compile, keep_cache=True, all_done=all_done,
-                           **decoding)
+                           on_token=stream, progress=progress, compile=compile, keep_cache=True,
+                           all_done=all_done, **decoding)
             for i, ids in zip(idx, new):
                 responses[i] = tokenizer.decode(ids)
     finally:

@@ -49,56 +49,31 @@ Does the submission meet the criterion? First, write out in a step by step manne
 LABELS = ("a", "tie", "b")  # in terms of the files; "skip" (a person passed) and None (unparseable) are not outcomes
 
 
-_ADV = r"(?:significantly |much |clearly |slightly |somewhat |far |a bit |a lot |definitely )?"
-_CANONICAL = {"A": r"answer a is significantly better", "B": r"answer b is significantly better",
-              "tie": r"neither(?: answer| one| of them)? is significantly better"}
-_VERDICTS = [  # (pattern, label or None for "the captured letter"), on lower-cased text
-    (rf"\b(?:answer|option|response) \(?([ab])\)? is {_ADV}better\b", None),
-    (r"\b(?:choose|prefer|pick|select|go with|vote for) (?:answer|option|response) \(?([ab])\)?(?!\w)", None),
-    (rf"\bneither(?: answer| one| of them| option| response)? is {_ADV}better\b", "tie"),
-    (r"\b(?:it's|it is) a tie\b|\bequally (?:good|helpful|useful|bad|poor)\b", "tie"),
-]
-# a bare capital letter as the verdict, case kept so that the article "a" never counts
-_BARE_VERDICTS = [
-    rf"(?<![\w])\(?([AB])\)? (?i:is {_ADV}better)\b",  # "B is better"
-    r"(?i:\b(?:answer|choice|verdict|winner))\s*[:=]\s*(?i:answer\s+)?\(?([AB])\)?(?![\w'])",  # "Verdict: B"
-    r"(?i:\bbetter (?:answer|one|response) is)\s+(?i:answer\s+)?\(?([AB])\)?(?![\w'])",  # "the better one is A"
-]
-_WHOLE = {"a": "A", "b": "B", "neither": "tie", "tie": "tie"}  # the entire reply is one word
-
-
-def _found(patterns, text):
-    labels = set()
-    for pattern, label in patterns:
-        for m in re.finditer(pattern, text):
-            labels.add(label or m.group(1).upper())
-    return labels
+# A verdict is one of the question's three option sentences (LIMA Appendix C), as a sentence of
+# its own. So "Neither answer A nor answer B is significantly better." is not B (its tail is an
+# option, the sentence is not), "Answer B is significantly worse." is nothing, and neither is
+# "Answer A is significantly better than B, but...": unparseable, and counted as such.
+VERDICTS = {"answer a is significantly better": "A", "answer b is significantly better": "B",
+            "neither is significantly better": "tie"}
+_VERDICT = re.compile(r"(?:(?:-|\u2022|\d+)\s+)?(" + "|".join(VERDICTS) + ")")  # a list marker allowed
+_SENTENCE_END = re.compile(r"[.!?:;\n]")
+_DECORATION = re.compile(r"[*_`#>\"'\u201c\u201d\u2018\u2019\[\]()]")  # markdown, quotes, brackets
 
 
 def parse_preference(text):
     """The judge's text -> "A", "B", "tie" (as displayed) or None when unparseable.
 
-    Tiers, most to least explicit: the paper's three option sentences; verdict phrases ("answer
-    B is better", "neither is better", "I prefer answer A", "A is better", "Verdict: B"); then a
-    one-word reply ("A", "(b)", "Neither.") or a lone mention of one answer ("Answer A."). The
-    first tier that finds anything decides; two different labels in it (e.g. two option
-    sentences) is a conflict: None, never a guess.
-    """
-    plain = re.sub(r"[*_`#>\"]", " ", text or "")  # markdown emphasis is not part of the verdict
-    low = re.sub(r"\s+", " ", plain.lower()).strip()
-    tiers = [
-        lambda: {lab for lab, p in _CANONICAL.items() if re.search(p, low)},
-        lambda: _found(_VERDICTS, low) | {m.group(1) for p in _BARE_VERDICTS for m in re.finditer(p, plain)},
-        lambda: ({_WHOLE[m.group(1)]} if (m := re.fullmatch(r"\W*\(?(a|b|neither|tie)\)?\W*", low)) else
-                 {x.upper() for x in re.findall(r"\banswer \(?([ab])\)?(?!\w)", low)}),
-    ]
-    for tier in tiers:
-        labels = tier()
-        if len(labels) == 1:
-            return labels.pop()
-        if labels:
-            return None
-    return None
+    The text is cut into sentences at full stops, colons and line ends; a sentence that is
+    exactly one of the three options (case, markdown, quotes, brackets and spacing aside) is a
+    verdict. Verdicts that agree count once; two different ones are a conflict: None, never a
+    guess (a judge that repeats the three options has not chosen)."""
+    plain = _DECORATION.sub(" ", text or "").lower()
+    labels = set()
+    for sentence in _SENTENCE_END.split(plain):
+        v = _VERDICT.fullmatch(" ".join(sentence.split()))
+        if v:
+            labels.add(VERDICTS[v.group(1)])
+    return labels.pop() if len(labels) == 1 else None
 
 
 def parse_score(text):

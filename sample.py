@@ -13,12 +13,15 @@ end-of-turn token (Llama 3's own <|eot_id|>). The prompt is the training format,
 (LIMA §3); `--raw` is plain completion for a base model (BOS text ..., stop at EOS).
 
 stdout carries the generated text and nothing else; logs and the progress bar go to stderr.
+With --out, each response is saved the moment it is made, one process at a time per file
+(a second is refused while the first runs); Ctrl-C, a crash or a full disk keep every finished
+response, and the same command continues where it stopped.
 """
 
 import os
+import shlex
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,10 +32,14 @@ import checkpoint
 import config
 import data
 import devices
-from generate import DECODING, Decoding, PromptError, check_chat_model, encode_prompt, respond
+import files
+from generate import (DECODING, Decoding, PromptError, check_chat_model, check_text, encode_prompt,
+                      respond)
 from tokenizer import load_tokenizer
 
-SKIP_IN_RESUME_CHECK = ("seed",)  # a resumed run may draw new randomness; nothing else changes
+# a resumed run may draw new randomness, and read its prompt file from another place (each line
+# of --out is checked against the prompt it answers); nothing else may change
+SKIP_IN_RESUME_CHECK = ("seed", "prompt_file")
 
 
 @dataclass
@@ -44,10 +51,10 @@ class SampleConfig(Decoding):  # the decoding flags and their defaults come from
     out: Optional[str] = field(default=None, metadata={"help": "JSON lines for --prompt_file, resumed if it exists; without it the answers print to stdout"})
     interactive: bool = field(default=False, metadata={"help": "a multi-turn conversation in the terminal"})
     raw: bool = field(default=False, metadata={"help": "plain completion (BOS text ...), stop at EOS: for base models"})
-    seed: Optional[int] = field(default=None, metadata={"help": "makes sampling repeatable; default: a fresh seed, logged"})
-    batch_size: int = field(default=16, metadata={"help": "prompts decoded together (--prompt_file)"})
+    seed: Optional[int] = field(default=None, metadata={"help": "makes sampling repeatable; default: a fresh seed, logged", "min": 0, "max": 2**64 - 1})
+    batch_size: int = field(default=16, metadata={"help": "prompts decoded together (--prompt_file)", "min": 1})
     device: str = field(default="auto", metadata={"help": "auto (cuda if any; all visible GPUs, layers split, when the model does not fit one), cpu, cuda:1, or a list cuda:0,cuda:1"})
-    dtype: str = field(default="auto", metadata={"help": f"auto (bfloat16 on GPU, float32 on CPU), {', '.join(config.DTYPES)}"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 on GPU, float32 on CPU", "choices": ("auto",) + config.DTYPES})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decode step"})
 
 
@@ -57,22 +64,44 @@ def log(*args):
 
 # ---- a file of prompts, answered into a resumable file ------------------------------------------
 
-def answered_before(out_path, settings):
-    """Turns already answered in out_path (with multiplicity); a file made with other settings
-    is refused rather than extended."""
-    done = Counter()
+def remaining(records, out_path, settings):
+    """Indexes of the records (data.read_prompts) not yet answered in out_path.
+
+    Each line of out_path names the prompt it answers twice: by its index in the prompt file and
+    by its text. A line made with other settings, or whose prompt is not the prompt file's at
+    that index (another prompt file, or edited prompts), is refused rather than extended with
+    answers whose indexes collide. A prompt file that grew at its end resumes; so does one that
+    moved."""
     if not os.path.exists(out_path):
-        return done
+        return list(range(len(records)))
+    ours = {k: v for k, v in settings.items() if k not in SKIP_IN_RESUME_CHECK}
+    done = {}
     for n, rec in data.read_jsonl(out_path, repair_tail=True):
-        theirs = {k: v for k, v in rec.get("settings", {}).items() if k not in SKIP_IN_RESUME_CHECK}
-        ours = {k: v for k, v in settings.items() if k not in SKIP_IN_RESUME_CHECK}
+        recorded = rec.get("settings") if isinstance(rec.get("settings"), dict) else {}
+        theirs = {k: v for k, v in recorded.items() if k not in SKIP_IN_RESUME_CHECK}
         if theirs != ours:
             diff = {k: (theirs.get(k), ours.get(k)) for k in theirs.keys() | ours.keys()
                     if theirs.get(k) != ours.get(k)}
             raise PromptError(f"{out_path}:{n} was made with other settings (theirs, ours): "
                               f"{diff}. Write to another --out.")
-        done[tuple(rec.get("context", [])) + (rec["prompt"],)] += 1
-    return done
+        i, context = rec.get("index"), rec.get("context", [])
+        if not (isinstance(i, int) and not isinstance(i, bool) and i >= 0 and
+                isinstance(rec.get("prompt"), str) and isinstance(context, list)):
+            raise PromptError(f"{out_path}:{n}: no 'index' and 'prompt' of a line sample.py "
+                              f"writes. Write to another --out.")
+        if i >= len(records) or records[i]["turns"] != context + [rec["prompt"]]:
+            here = (f"is {records[i]['turns'][-1][:60]!r}" if i < len(records) else
+                    f"does not exist ({len(records)} prompts)")
+            raise PromptError(
+                f"{out_path}:{n} answers prompt {i + 1}, {rec['prompt'][:60]!r}, but prompt {i + 1} "
+                f"of {settings.get('prompt_file', 'the prompt file')} {here}: {out_path} was made "
+                f"from another prompt file ({recorded.get('prompt_file', 'unknown')}) "
+                f"or the prompts were changed. Write to another --out.")
+        if i in done:
+            raise PromptError(f"{out_path}:{n} answers prompt {i + 1} again (first at line "
+                              f"{done[i]}). Write to another --out.")
+        done[i] = n
+    return [i for i in range(len(records)) if i not in done]
 
 
 def check_lengths(model, tokenizer, records, todo, raw, max_seq_len):
@@ -88,46 +117,68 @@ def check_lengths(model, tokenizer, records, todo, raw, max_seq_len):
     return lengths
 
 
+def answer(model, tokenizer, records, todo, settings, *, batch_size=16, generator=None,
+           compile=False):
+    """Yield (index, response) for the records in todo, a batch at a time, longest prompts
+    first (less padding). The progress bar counts tokens as they are made: its total is the
+    most the prompts left can take (each one's room up to max_new_tokens or the context), and a
+    finished batch gives back the room its responses left unused, so the rate is real tokens
+    per second and the ETA an upper bound that tightens."""
+    raw = settings.get("raw", False)
+    decoding = {k: settings[k] for k in DECODING}
+    lengths = check_lengths(model, tokenizer, records, todo, raw, settings["max_seq_len"])
+    context = min(settings["max_seq_len"], model.args.max_seq_len)
+    cap = settings.get("max_new_tokens") or context
+    room = {i: min(cap, context - lengths[i]) for i in todo}
+    todo = sorted(todo, key=lambda i: -lengths[i])
+    bar = tqdm(total=sum(room.values()), unit="tok", unit_scale=True, file=sys.stderr,
+               dynamic_ncols=True, desc=f"answering {len(todo)} prompts")
+    try:
+        for s in range(0, len(todo), batch_size):
+            idx = todo[s:s + batch_size]
+            made = bar.n
+            responses = respond(model, tokenizer, [records[i]["turns"] for i in idx], raw=raw,
+                                batch_size=batch_size, generator=generator, compile=compile,
+                                progress=bar.update, keep_cache=True, **decoding)
+            bar.total -= sum(room[i] for i in idx) - (bar.n - made)  # the room left unused
+            bar.set_postfix_str(f"{s + len(idx)}/{len(todo)} prompts", refresh=True)
+            yield from zip(idx, responses)
+    finally:
+        bar.close()
+        model.clear_cache()
+
+
 def generate_file(model, tokenizer, records, out_path, settings, *, batch_size=16,
                   generator=None, compile=False):
     """Answer records (from data.read_prompts) into out_path, one data.generation_record each.
 
-    Resumable: prompts already answered in out_path are skipped (a prompt listed k times is
-    answered k times). settings: decoding keywords plus raw, seed, checkpoint. Returns the
-    number of new responses; the finished file is in the prompt file's order."""
-    done = answered_before(out_path, settings)
-    todo, seen = [], Counter()
-    for i, rec in enumerate(records):
-        key = tuple(rec["turns"])
-        seen[key] += 1
-        if seen[key] > done[key]:
-            todo.append(i)
+    Resumable: prompts already answered in out_path are skipped (remaining()). settings:
+    decoding keywords plus raw, seed, checkpoint, prompt_file. The caller holds files.lock on
+    out_path. Returns the number of new responses; the finished file is in the prompt file's
+    order."""
+    todo = remaining(records, out_path, settings)
     if len(todo) < len(records):
         log(f"{out_path}: {len(records) - len(todo)} of {len(records)} prompts already answered; resuming")
-    raw = settings.get("raw", False)
-    decoding = {k: settings[k] for k in DECODING}
-    lengths = check_lengths(model, tokenizer, records, todo, raw, settings["max_seq_len"])
-    todo.sort(key=lambda i: -lengths[i])  # batches of similar length: less padding
-    t0, n_tokens = time.time(), 0
-    try:
-        with data.Appender(out_path) as out, tqdm(total=len(todo), file=sys.stderr, unit="prompt") as bar:
-            for s in range(0, len(todo), batch_size):
-                idx = todo[s:s + batch_size]
-                responses = respond(model, tokenizer, [records[i]["turns"] for i in idx],
-                                    raw=raw, batch_size=batch_size, generator=generator,
-                                    compile=compile, keep_cache=True, **decoding)
-                for i, response in zip(idx, responses):
-                    extra = {k: v for k, v in records[i].items() if k != "turns"}
-                    out.write(data.generation_record(i, records[i]["turns"], response, settings, extra))
-                    n_tokens += len(tokenizer.encode(response))
-                bar.update(len(idx))
-                bar.set_postfix(tok_s=f"{n_tokens / (time.time() - t0):.1f}")
-    finally:
-        model.clear_cache()
-    if todo:  # batches ran longest prompt first; put the file back in the prompt file's order
-        rows = data.read_jsonl(out_path)
-        data.write_jsonl(out_path, sorted((r for _, r in rows), key=lambda r: r.get("index", 0)))
+    with data.Appender(out_path) as out:
+        for i, response in answer(model, tokenizer, records, todo, settings, batch_size=batch_size,
+                                  generator=generator, compile=compile):
+            extra = {k: v for k, v in records[i].items() if k != "turns"}
+            out.write(data.generation_record(i, records[i]["turns"], response, settings, extra))
+    sort_by_index(out_path)
     return len(todo)
+
+
+def sort_by_index(out_path):
+    """Batches run longest prompt first: put the file back in the prompt file's order (also
+    after a run stopped before it could)."""
+    rows = [r for _, r in data.read_jsonl(out_path)] if os.path.exists(out_path) else []
+    order = sorted(rows, key=lambda r: r["index"])
+    if order != rows:
+        try:
+            data.write_jsonl(out_path, order)  # atomic: on failure the file stays as it was
+        except OSError as e:
+            raise OSError(data.write_failure(out_path, e, "could not be put in the prompt "
+                                             "file's order")) from None
 
 
 class TextStreamer:
@@ -176,6 +227,7 @@ def load(cfg):
                           f"the parent directory; pass --tokenizer")
     tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.check_model_vocab(args.vocab_size, cfg.checkpoint)
+    checkpoint.check_tokenizer(cfg.checkpoint, tokenizer)  # same size, other pieces: refused
     if len(placed) == 1:
         model = checkpoint.load_model(cfg.checkpoint, dtype=dtype, device=placed[0])
     else:
@@ -196,7 +248,12 @@ def interactive(model, tokenizer, cfg, gen):
     turns, context = [], min(cfg.max_seq_len, model.args.max_seq_len)
     while True:
         print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+            check_text(line, "that message")
+        except (UnicodeDecodeError, PromptError) as e:
+            log(f"error: {e if isinstance(e, PromptError) else 'that message is not UTF-8 text'}; say it again")
+            continue
         if not line or line.strip() == "/exit":
             return
         text = line.rstrip("\n")
@@ -228,31 +285,48 @@ def run(cfg):
         raise PromptError("the prompt is empty: give --prompt TEXT, --prompt_file FILE or --interactive")
     if modes > 1:
         raise PromptError("give one of --prompt, --prompt_file, --interactive")
-    if cfg.prompt is not None and not cfg.prompt.strip():
-        raise PromptError("the prompt is empty")
+    if cfg.prompt is not None:
+        check_text(cfg.prompt, "--prompt")
+        if not cfg.prompt.strip():
+            raise PromptError("the prompt is empty")
     if cfg.out and cfg.prompt_file is None:
         raise PromptError("--out goes with --prompt_file; --prompt and --interactive print the "
                           "response to stdout")
+    if cfg.out and os.path.isdir(cfg.out):
+        raise PromptError(f"--out {cfg.out} is a directory; give a file name, e.g. "
+                          f"{os.path.join(cfg.out, 'generations.jsonl')}")
     records = data.read_prompts(cfg.prompt_file) if cfg.prompt_file else None
+    seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
+    decoding = {k: getattr(cfg, k) for k in DECODING}
+    if records is not None and cfg.out:
+        settings = dict(decoding, raw=cfg.raw, seed=seed, checkpoint=os.path.abspath(cfg.checkpoint),
+                        prompt_file=os.path.abspath(cfg.prompt_file))
+        with files.lock(cfg.out):  # a second run on this --out is refused here, before any work
+            if not remaining(records, cfg.out, settings):  # a wrong --out is refused before loading
+                sort_by_index(cfg.out)
+                log(f"{cfg.out}: all {len(records)} prompts already answered")
+                return
+            model, tokenizer = load(cfg)
+            if not cfg.raw:
+                check_chat_model(model, tokenizer)
+            log(f"seed {seed}")
+            generator = torch.Generator(model.output.weight.device).manual_seed(seed)
+            n = generate_file(model, tokenizer, records, cfg.out, settings, batch_size=cfg.batch_size,
+                              generator=generator, compile=cfg.compile)
+        log(f"{cfg.out}: {n} new responses")
+        return
     model, tokenizer = load(cfg)
     if not cfg.raw:
         check_chat_model(model, tokenizer)
-    seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
-    generator = torch.Generator(model.output.weight.device).manual_seed(seed)
     log(f"seed {seed}")
-    decoding = {k: getattr(cfg, k) for k in DECODING}
+    generator = torch.Generator(model.output.weight.device).manual_seed(seed)
     gen = dict(decoding, generator=generator, compile=cfg.compile)
-    if records is not None and not cfg.out:  # a quick look: each prompt and its answer
-        check_lengths(model, tokenizer, records, range(len(records)), cfg.raw, cfg.max_seq_len)
-        responses = respond(model, tokenizer, [r["turns"] for r in records], raw=cfg.raw,
-                            batch_size=cfg.batch_size, **gen)
-        for r, response in zip(records, responses):
-            print(f"### {r['turns'][-1]}\n{response}\n", flush=True)
-    elif records is not None:
-        settings = dict(decoding, raw=cfg.raw, seed=seed, checkpoint=os.path.abspath(cfg.checkpoint))
-        n = generate_file(model, tokenizer, records, cfg.out, settings, batch_size=cfg.batch_size,
-                          generator=generator, compile=cfg.compile)
-        log(f"{cfg.out}: {n} new responses")
+    if records is not None:  # a quick look: each prompt and its answer, in the file's order
+        settings = dict(decoding, raw=cfg.raw)
+        responses = dict(answer(model, tokenizer, records, list(range(len(records))), settings,
+                                batch_size=cfg.batch_size, generator=generator, compile=cfg.compile))
+        for i, r in enumerate(records):
+            print(f"### {r['turns'][-1]}\n{responses[i]}\n", flush=True)
     elif cfg.interactive:
         interactive(model, tokenizer, cfg, gen)
     else:
@@ -265,14 +339,37 @@ def run(cfg):
         log(f"{len(streamer.ids)} tokens in {time.time() - t0:.1f}s")
 
 
+def interrupted(cfg, argv):
+    """One line for Ctrl-C: what was kept, and the command that continues."""
+    if not (cfg.prompt_file and cfg.out):
+        if cfg.prompt_file:
+            return ("sample.py: interrupted; nothing was saved (without --out the responses print "
+                    "at the end). Pass --out FILE to keep each response as it is made.")
+        return "sample.py: interrupted"
+    try:
+        kept = len(data.read_jsonl(cfg.out)) if os.path.isfile(cfg.out) else 0
+    except (data.DataError, OSError):
+        kept = "every finished"
+    return (f"sample.py: interrupted; {kept} responses are saved in {cfg.out}. To continue: "
+            f"python sample.py {shlex.join(argv)}")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = config.parse_config(SampleConfig, argv, description=__doc__.split("\n\n")[0])
     try:
         run(cfg)
-    except (PromptError, data.DataError, FileNotFoundError, ValueError) as e:
-        # user-facing problems (paths, vocabularies, prompts): the message, no traceback
-        log(f"sample.py: error: {e}")
+    except (PromptError, data.DataError, ValueError, OSError) as e:
+        # user-facing problems (paths, vocabularies, prompts, a full or read-only disk, another
+        # run on the same --out): the message, no traceback
+        kept = (isinstance(e, OSError) and not isinstance(e, (files.LockedError, FileNotFoundError))
+                and cfg.out and os.path.isfile(cfg.out))
+        log(f"sample.py: error: {e}" + (f". Every response finished before is kept in {cfg.out}; "
+                                        f"rerun the same command to continue." if kept else ""))
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        log("\n" + interrupted(cfg, argv))
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ def bootstrap_ci(values, n_boot=2000, seed=0, level=0.95):
     """Percentile bootstrap over rows (prompts): values (n,) or (n, k) -> (lo, hi) of the mean of
     each column. Resampling whole prompts keeps whatever is nested in a prompt (both A/B orders,
     several samples) together, so their correlation is in the interval."""
+    if n_boot < 1 or len(values) == 0:
+        raise ValueError(f"a bootstrap needs at least one resample and one value (got {n_boot} "
+                         f"resamples of {len(values)} values)")
     v = np.asarray(values, dtype=np.float64)
     rng = np.random.default_rng(seed)
     means = []

@@ -17,6 +17,7 @@ import torch
 
 import checkpoint
 from model import ModelArgs, Transformer
+from tokenizer import file_sha256, load_tokenizer
 
 transformers = pytest.importorskip("transformers")  # dev dependency: the reference
 
@@ -258,7 +259,8 @@ def test_save_is_real_hf_and_round_trips(ours, tmp_path, tiny_tokenizer_path):
     assert replace(back.args, multiple_of=16, hidden_dim=None) == ours.args
     for (name, p), q in zip(ours.state_dict().items(), back.state_dict().values()):
         assert torch.equal(p, q), name
-    assert checkpoint.read_extra(out) == extra
+    # lima.json: the extras, and the tokenizer's identity, which loaders check
+    assert checkpoint.read_extra(out) == {**extra, "tokenizer_sha256": file_sha256(tiny_tokenizer_path)}
     # the EOT row (vocab = 300 pieces + 1) is visible to HF and llama.cpp, and stops sampling
     assert tok.eot_id == 300
     assert json.loads((out / "added_tokens.json").read_text()) == {"<eot>": 300}
@@ -380,3 +382,103 @@ def test_tokenizer_must_fit_the_embedding(tmp_path, tiny_tokenizer_path):
     os.remove(tmp_path / "tokenizer.model")
     with pytest.raises(FileNotFoundError, match="no tokenizer.model.*tokenizer_path="):
         checkpoint.load_model_and_tokenizer(path)
+
+
+# ---- damaged files and wrong companions: refused, naming the file and what to do ----------------
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(ref, tmp_path, value):
+    state = meta_state(ref)
+    state["layers.1.attention.wv.weight"] = state["layers.1.attention.wv.weight"].clone()
+    state["layers.1.attention.wv.weight"][3, 5] = value
+    path = write_meta(state, ref["args"], tmp_path / "m", 2)
+    with pytest.raises(ValueError, match=r"layers\.1\.attention\.wv\.weight holds 1 NaN or "
+                                         r"infinite values.*another checkpoint"):
+        checkpoint.load_model(path)
+    hf = shutil.copytree(ref["root"] / "single", tmp_path / "hf")
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(hf / "model.safetensors")
+    tensors["model.norm.weight"][0] = value
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.safetensors: norm\.weight holds 1 NaN"):
+        checkpoint.load_model(hf)
+
+
+def test_large_finite_weights_are_not_mistaken_for_infinite(ref, tmp_path):
+    # the fast check sums each tensor; finite values whose sum overflows must still load
+    path = shutil.copytree(ref["root"] / "single", tmp_path / "hf")
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.norm.weight"][:] = 3e38  # 64 of them: the float32 sum is inf
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    assert checkpoint.load_model(path).norm.weight[0].item() == pytest.approx(3e38)
+
+
+def test_a_tokenizer_of_the_same_size_but_other_pieces_is_refused(ours, tmp_path, tiny_tokenizer_path):
+    from conftest import train_tiny_tokenizer
+    (tmp_path / "other").mkdir()
+    other = train_tiny_tokenizer(str(tmp_path / "other"), seed=1)  # 300 pieces too
+    assert load_tokenizer(other).vocab_size == load_tokenizer(tiny_tokenizer_path).vocab_size
+    assert file_sha256(other) != file_sha256(tiny_tokenizer_path)
+    torch.manual_seed(0)
+    path = tmp_path / "ckpt"
+    checkpoint.save_model(Transformer(tiny_args(vocab_size=VOCAB)), path, tokenizer_path=tiny_tokenizer_path)
+    with pytest.raises(ValueError, match=rf"{other} \(sha256 .*\) is not the tokenizer "
+                                         rf"{path / 'lima.json'} records"):
+        checkpoint.load_model_and_tokenizer(path, tokenizer_path=other)
+    _, tok = checkpoint.load_model_and_tokenizer(path)  # its own: fine
+    assert tok.path == str(path / "tokenizer.model")
+
+
+def _truncate(file):
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: _truncate(p / "config.json"), r"config\.json: not valid JSON .*Use the config\.json that came"),
+    (lambda p: (p / "config.json").write_text("[" * 200_000 + "]" * 200_000), r"config\.json: not valid JSON \(nested too deeply\)"),
+    (lambda p: (p / "config.json").write_text('["a list"]'), r"config\.json: holds a JSON list, expected an object"),
+    (lambda p: (p / "config.json").write_text(json.dumps({**json.loads((p / "config.json").read_text()), "hidden_size": "64"})),
+     r"config\.json: 'hidden_size' is '64' \(a positive integer is needed\)"),
+    (lambda p: _truncate(p / "model.safetensors"), r"model\.safetensors: cannot be read as safetensors .*download it again"),
+    (lambda p: (p / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{not json}" + b"\x00" * 100),
+     r"model\.safetensors: cannot be read as safetensors \(.*header"),
+    (lambda p: (p / "lima.json").write_text("{"), r"lima\.json: not valid JSON"),
+], ids=["truncated-config", "deep-config", "list-config", "typed-config", "truncated-safetensors",
+        "bad-header", "bad-lima-json"])
+def test_damaged_hf_files_are_named(ref, tmp_path, damage, message):
+    path = shutil.copytree(ref["root"] / "single", tmp_path / "hf")
+    (path / "lima.json").write_text("{}")
+    damage(path)
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load_model(path)
+        checkpoint.read_extra(path)
+
+
+def test_index_without_weight_map_and_params_without_dim(ref, tmp_path):
+    path = shutil.copytree(ref["root"] / "sharded", tmp_path / "hf")
+    (path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match=r"index\.json: no 'weight_map' .*Download the index again"):
+        checkpoint.load_model(path)
+    meta = write_meta(meta_state(ref), ref["args"], tmp_path / "m", 1)
+    params = json.loads((meta / "params.json").read_text())
+    del params["dim"]
+    (meta / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ValueError, match=r"params\.json: has no 'dim' .*Use the params\.json that came"):
+        checkpoint.load_model(meta)
+
+
+@pytest.mark.parametrize("n_layers, holds", [(4, "hold 2 layers"), (1, "include layers.1.")])
+def test_a_wrong_layer_count_names_the_disagreement(ref, tmp_path, n_layers, holds):
+    path = shutil.copytree(ref["root"] / "single", tmp_path / "hf")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": n_layers}))
+    with pytest.raises(ValueError) as e:
+        checkpoint.load_model(path)
+    msg = str(e.value)
+    assert f"says num_hidden_layers = {n_layers}" in msg and holds in msg
+    assert "disagree on the number of layers" in msg and "download" not in msg.lower()
+    meta = write_meta(meta_state(ref), ref["args"], tmp_path / "m", 2, n_layers=n_layers)
+    with pytest.raises(ValueError, match=f"params.json says n_layers = {n_layers}.*{holds}"):
+        checkpoint.load_model(meta)

@@ -42,3 +42,46 @@ def test_help_lists_defaults_and_survives_percent(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--lr" in out and "100% linear" in out and "(default: 1e-05)" in out
+
+
+@dataclass
+class Ranged:
+    top_p: float = field(default=0.9, metadata={"gt": 0, "max": 1})
+    batch_size: int = field(default=16, metadata={"min": 1})
+    cap: Optional[int] = field(default=None, metadata={"min": 1})
+    epochs: list[int] = field(default_factory=lambda: [5], metadata={"min": 1})
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32")})
+    lr: float = 1e-5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top_p", "0"], "--top_p 0.0: must be greater than 0 and at most 1"),
+    (["--top_p", "1.5"], "--top_p 1.5: must be greater than 0 and at most 1"),
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--cap", "-5"], "--cap -5: must be at least 1"),
+    (["--epochs", "3", "0"], "--epochs 0: must be at least 1"),
+    (["--dtype", "fp16"], "--dtype 'fp16': must be one of auto, float32"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+])
+def test_out_of_range_values_are_refused_by_name(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Ranged, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_in_range_values_and_unset_optionals_pass(capsys):
+    cfg = parse_config(Ranged, ["--top_p", "1", "--batch_size", "1", "--cap", "none",
+                                "--epochs", "1", "2", "--dtype", "float32"])
+    assert cfg == Ranged(top_p=1.0, batch_size=1, cap=None, epochs=[1, 2], dtype="float32")
+    with pytest.raises(SystemExit):
+        parse_config(Ranged, ["-h"])
+    assert "greater than 0 and at most 1" in capsys.readouterr().out  # the range is in -h
+
+
+def test_resolve_device_names_a_bad_device():
+    from config import resolve_device
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="device 'nope': not a device"):
+        resolve_device("nope")

@@ -59,18 +59,33 @@ def prefers_good(questions):  # judges by content: whichever displayed answer is
     ("answer b is significantly better", "B"),
     ("Neither is significantly better.", "tie"),
     ("After weighing both: **Answer B** is significantly better.", "B"),
-    ("Answer A is significantly better than answer B.", "A"),
-    ("A", "A"), ("B.", "B"), ("(b)", "B"),
-    ("I think Answer A.", "A"),
-    ("Answer B is better because it is complete.", "B"),
-    ("I prefer answer A here.", "A"),
-    ("Verdict: B", "B"),
-    ("A is clearly better", "A"),
-    ("Neither.", "tie"), ("Both answers are equally good.", "tie"), ("It's a tie", "tie"),
-    ("Neither one is better.", "tie"),
-    ("Neither answer is perfect, but B is better.", "B"),
-    ("The better answer is Answer B: it is complete.", "B"),
-    ("Answer A: too short. Answer: B", "B"),
+    # issue 12: a verdict is one of the three option sentences, as a sentence of its own; the
+    # lenient readings below were guesses and are now unparseable (they were A, A, B, B, ...)
+    ("Answer A is significantly better than answer B.", None),
+    ("A", None), ("B.", None), ("(b)", None),
+    ("I think Answer A.", None),
+    ("Answer B is better because it is complete.", None),
+    ("I prefer answer A here.", None),
+    ("Verdict: B", None),
+    ("A is clearly better", None),
+    ("Neither.", None), ("Both answers are equally good.", None), ("It's a tie", None),
+    ("Neither one is better.", None),
+    ("Neither answer is perfect, but B is better.", None),
+    ("The better answer is Answer B: it is complete.", None),
+    ("Answer A: too short. Answer: B", None),
+    # the option sentences, tolerantly read
+    ('"Answer B is significantly better."', "B"), ("**Neither is significantly better**", "tie"),
+    ("  answer a is SIGNIFICANTLY   better  ", "A"), ("Verdict: Answer A is significantly better.", "A"),
+    ("- Answer B is significantly better.", "B"), ("1) Neither is significantly better.", "tie"),
+    ("\u201cAnswer A is significantly better.\u201d", "A"), ("`Answer B is significantly better`", "B"),
+    ("Both are decent.\nAnswer B is significantly better.\nIt is complete.", "B"),
+    ("Answer A is significantly better. Answer A is significantly better.", "A"),  # repeated: agrees
+    # an option sentence's words inside a longer sentence are not a verdict
+    ("Neither answer A nor answer B is significantly better.", None),
+    ("Answer B is significantly worse.", None),
+    ("I think answer B is significantly better.", None),
+    ("Answer B is significantly better, because it is complete.", None),
+    ("It is not true that Answer A is significantly better.", None),
     # conflicts and garbage: unparseable, never guessed
     ("Answer A is significantly better. Answer B is significantly better.", None),
     ("- Answer A is significantly better.\n- Answer B is significantly better.\n"
@@ -477,3 +492,151 @@ def test_generation_files_written_by_sample_py(tmp_path, tiny_tokenizer_path):
         (s, k) for s in ("alpaca", "multi_turn", "wikihow") for k in (0, 1))
     with pytest.raises(E.EvalError, match="appears again"):  # pairwise: one response per prompt
         E.pair_generations(str(tmp_path / "samples.jsonl"), gens[0])
+
+
+# ---- issue 12: bad input, faults and interruptions ---------------------------------------------
+
+def test_pairwise_refuses_a_system_compared_with_itself(tmp_path, capsys):
+    a, b = gen_files(tmp_path, n=4)
+    out = tmp_path / "j.jsonl"
+    copy = tmp_path / "copy_of_a.jsonl"
+    copy.write_bytes(open(a, "rb").read())
+    for other, what in ((a, "the same file"), (copy, "the same generations (identical files)")):
+        assert E.main(["pairwise", "--a", a, "--b", str(other), "--judge", "human", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"--a {a} and --b {other} are {what}" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["dir", "input"])
+def test_out_must_be_a_file_of_its_own(tmp_path, capsys, case):
+    a, b = gen_files(tmp_path, n=4)
+    before = open(b).read()
+    out = tmp_path / "outdir" if case == "dir" else b
+    if case == "dir":
+        out.mkdir()
+    assert E.main(["pairwise", "--a", a, "--b", b, "--judge", "human", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert ("is a directory" if case == "dir" else f"is also an input ({b})") in err
+    assert open(b).read() == before
+
+
+def test_a_second_session_on_the_same_out_is_refused(tmp_path, capsys):
+    import files
+    a, b = gen_files(tmp_path, n=4)
+    out = tmp_path / "j.jsonl"
+    argv = ["pairwise", "--a", a, "--b", b, "--judge", "human", "--out", str(out)]
+    with files.lock(out):  # another annotator's session on this file, still open
+        assert E.main(argv) == 1
+    assert "is being written by another process" in capsys.readouterr().err and not out.exists()
+    rows = [{"id": i, "prompt": f"q{i}", "response": "r"} for i in range(3)]
+    gen = write_jsonl(tmp_path / "s.jsonl", rows)
+    grades = tmp_path / "g.jsonl"
+    with files.lock(grades):
+        assert E.main(["helpfulness", "--gen", gen, "--judge", "x", "--out", str(grades)]) == 1
+    assert "is being written by another process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["report", "j.jsonl", "--bootstrap", "0"], ["agreement", "1.jsonl", "2.jsonl", "--bootstrap", "-3"],
+    ["pairwise", "--a", "a", "--b", "b", "--out", "o", "--bootstrap", "0"],
+    ["helpfulness", "--gen", "g", "--judge", "j", "--out", "o", "--bootstrap", "0"],
+])
+def test_bootstrap_zero_is_refused_by_name(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        E.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--bootstrap" in err and "must be at least 1" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--dtype", "fp16"], "--dtype 'fp16': must be one of auto, float32, bfloat16, float16"),
+    (["--max_new_tokens", "-1"], "--max_new_tokens -1: must be at least 1"),
+])
+def test_judge_flags_are_range_checked(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        E.main(["pairwise", "--a", "a", "--b", "b", "--out", "o", "--judge", "ckpt", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_continue(tmp_path, capsys, monkeypatch):
+    a, b = gen_files(tmp_path, n=10)
+    out = tmp_path / "j.jsonl"
+    asked = []
+
+    def judge_interrupted_in_the_third_batch(questions):
+        asked.append(1)
+        if len(asked) == 3:
+            raise KeyboardInterrupt
+        return ["Answer A is significantly better."] * len(questions)
+
+    judge_interrupted_in_the_third_batch.batch_size = 2
+    monkeypatch.setattr(E, "load_judge", lambda cfg: judge_interrupted_in_the_third_batch)
+    argv = ["pairwise", "--a", a, "--b", b, "--judge", "some/ckpt", "--out", str(out)]
+    assert E.main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (f"evaluate.py pairwise: interrupted; 4 judgements are saved "
+                                            f"in {out}. To continue: python evaluate.py {' '.join(argv)}")
+    monkeypatch.setattr(E, "load_judge", lambda cfg: always("Neither is significantly better."))
+    assert E.main(argv) == 0
+    assert len([json.loads(x) for x in open(out)]) == 10
+
+    gen = write_jsonl(tmp_path / "s.jsonl", [{"id": i, "prompt": f"q{i}", "response": "r"} for i in range(5)])
+    asked.clear()
+    monkeypatch.setattr(E, "load_judge", lambda cfg: judge_interrupted_in_the_third_batch)
+    argv = ["helpfulness", "--gen", gen, "--judge", "j", "--out", str(tmp_path / "g.jsonl")]
+    assert E.main(argv) == 130
+    assert "interrupted; 4 grades are saved in" in capsys.readouterr().err
+
+    monkeypatch.setattr(E, "run_report", lambda cfg, paths: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert E.main(["report", str(out)]) == 130
+    assert "evaluate.py report: interrupted; nothing was written" in capsys.readouterr().err
+
+
+def test_full_disk_keeps_every_judgement(tmp_path, capsys, monkeypatch):
+    import errno
+    a, b = gen_files(tmp_path, n=6)
+    out = str(tmp_path / "j.jsonl")
+    real_write, n = os.write, []
+
+    def fills_up(fd, buf):
+        if os.readlink(f"/proc/self/fd/{fd}") == out:
+            n.append(1)
+            if len(n) == 4:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, buf)
+
+    monkeypatch.setattr(os, "write", fills_up)
+    monkeypatch.setattr(E, "load_judge", lambda cfg: prefers_good)
+    argv = ["pairwise", "--a", a, "--b", b, "--judge", "j", "--out", out, "--batch_size", "1"]
+    assert E.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and f"kept in {out}" in err
+    assert len(open(out).read().splitlines()) == 3
+    monkeypatch.setattr(os, "write", real_write)
+    assert E.main(argv) == 0 and len(open(out).read().splitlines()) == 6
+
+
+def test_judge_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, tiny_tokenizer_path, capsys):
+    import torch
+    from conftest import train_tiny_tokenizer
+    from model import Transformer, model_args
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(tiny_tokenizer_path)
+    ckpt = str(tmp_path / "judge")
+    checkpoint.save_model(Transformer(model_args("debug", vocab_size=tok.vocab_size)), ckpt,
+                          tokenizer_path=tiny_tokenizer_path)
+    other = train_tiny_tokenizer(str(tmp_path), seed=1)
+    a, b = gen_files(tmp_path, n=2)
+    out = tmp_path / "j.jsonl"
+    assert E.main(["pairwise", "--a", a, "--b", b, "--judge", ckpt, "--tokenizer", other,
+                   "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{other} (sha256" in err and "is not the tokenizer" in err and "Traceback" not in err
+    del torch
+
+
+def test_bootstrap_without_resamples_is_a_clear_error():
+    with pytest.raises(ValueError, match="at least one resample"):
+        stats.bootstrap_ci([1.0, 0.0], n_boot=0)

@@ -478,3 +478,176 @@ def test_generate_under_fsdp2_then_train(tok, tmp_path):
         sharded(x, x).backward()
     finally:
         dist.destroy_process_group()
+
+
+# ---- issue 12: bad input, faults and interruptions ---------------------------------------------
+
+def test_progress_counts_kept_tokens_every_8_steps(model, tok):
+    prompts = prompts_of(tok, ["tea", "the cat sat on a mat while river stones hum", "numbers 1 2 3"])
+    free = generate.generate(model, prompts, stop_ids=(), max_new_tokens=40, **GREEDY)
+    stop = free[1][11]  # row 1 stops early; the long prompt's budget ends first (max_seq_len)
+    context = max(map(len, prompts)) + 30
+    calls = []
+    got = generate.generate(model, prompts, stop_ids=(stop,), max_seq_len=context, progress=calls.append,
+                            **GREEDY)
+    lengths = [len(r) for r in got]
+    assert len(set(lengths)) > 1 and sum(calls) == sum(lengths)
+    made = 0
+    for j, n in enumerate(calls[:-1]):  # every 8 steps: exactly the kept tokens so far
+        made += n
+        assert made == sum(min(L, 8 * (j + 1)) for L in lengths)
+    assert len(calls) <= max(lengths) // 8 + 2
+
+
+def test_cli_flags_out_of_range_are_refused_by_name(chat_dir, capsys):
+    for flag, value in (("--temperature", "-1"), ("--top_p", "0"), ("--top_p", "1.5"),
+                        ("--repetition_penalty", "0"), ("--max_new_tokens", "-5"),
+                        ("--batch_size", "0"), ("--dtype", "foo"), ("--max_seq_len", "1")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--checkpoint", chat_dir, "--prompt", "tea", flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{flag} " in err.splitlines()[-1] and "must be" in err, err
+
+
+def test_cli_refuses_a_tokenizer_of_the_same_size_with_other_pieces(chat_dir, tmp_path, capsys):
+    from conftest import train_tiny_tokenizer
+    other = train_tiny_tokenizer(str(tmp_path), seed=1)  # 300 pieces, like the checkpoint's
+    err = fail_main(["--checkpoint", chat_dir, "--tokenizer", other, "--prompt", "tea"], capsys)
+    assert other in err and os.path.join(chat_dir, "lima.json") in err and "Traceback" not in err
+
+
+def test_cli_refuses_nan_weights_naming_the_tensor(tok, tiny_tokenizer_path, tmp_path, capsys):
+    m = tiny_model(tok.vocab_size, seed=6)
+    with torch.no_grad():
+        m.layers[1].feed_forward.w2.weight[0, 0] = float("nan")
+    path = str(tmp_path / "nan")
+    checkpoint.save_model(m, path, tokenizer_path=tiny_tokenizer_path)
+    err = fail_main(["--checkpoint", path, "--prompt", "tea"], capsys)
+    assert "layers.1.feed_forward.w2.weight holds 1 NaN" in err and "Traceback" not in err
+
+
+def test_cli_a_second_run_on_the_same_out_is_refused(chat_dir, tmp_path, capsys):
+    import files
+    prompts, out = tmp_path / "p.txt", tmp_path / "gens.jsonl"
+    prompts.write_text("tea\nmaps\n")
+    argv = ["--checkpoint", chat_dir, "--prompt_file", str(prompts), "--out", str(out), "--max_new_tokens", "4"]
+    with files.lock(out):  # the first run, still going
+        err = fail_main(argv, capsys)
+    assert "is being written by another process" in err and not out.exists()
+    run_main(argv, capsys)  # the first one finished: the next goes ahead
+    assert len(read_jsonl(out)) == 2 and not os.path.exists(f"{out}.lock")
+
+
+def test_cli_out_made_from_another_prompt_file_is_refused(chat_dir, tmp_path, capsys):
+    a, b, out = tmp_path / "a.txt", tmp_path / "b.txt", str(tmp_path / "gens.jsonl")
+    a.write_text("tea\nmaps\nthe cat sat\n")
+    b.write_text("numbers 1 2\nmusic\n")
+    flags = ["--checkpoint", chat_dir, "--out", out, "--max_new_tokens", "4", "--seed", "1"]
+    run_main(flags + ["--prompt_file", str(a)], capsys)
+    before = open(out).read()
+    err = fail_main(flags + ["--prompt_file", str(b)], capsys)
+    assert f"{out}:1 answers prompt 1, 'tea', but prompt 1 of {b} is 'numbers 1 2'" in err
+    assert "another prompt file" in err and str(a) in err and open(out).read() == before
+    moved = tmp_path / "moved.txt"  # the same prompts from another place: nothing left to do
+    os.rename(a, moved)
+    assert "all 3 prompts already answered" in run_main(flags + ["--prompt_file", str(moved)], capsys).err
+    assert open(out).read() == before
+
+
+@pytest.mark.parametrize("case", ["out_is_dir", "prompt_not_utf8", "jsonl_not_utf8", "out_not_utf8",
+                                  "surrogate_prompt", "surrogate_in_file"])
+def test_cli_bad_input_is_one_message(chat_dir, tmp_path, capsys, case):
+    prompts, out = tmp_path / "p.txt", tmp_path / "gens.jsonl"
+    prompts.write_text("tea\nmaps\n")
+    argv = ["--checkpoint", chat_dir, "--prompt_file", str(prompts), "--out", str(out), "--max_new_tokens", "3"]
+    if case == "out_is_dir":
+        out.mkdir()
+        want = f"--out {out} is a directory"
+    elif case == "prompt_not_utf8":
+        prompts.write_bytes(b"tea\ncaf\xe9\n")
+        want = f"{prompts}: not valid UTF-8"
+    elif case == "jsonl_not_utf8":
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_bytes(b'{"prompt": "tea"}\n{"prompt": "caf\xe9"}\n')
+        argv[3], want = str(prompts), f"{prompts}:2: not valid UTF-8"
+    elif case == "out_not_utf8":
+        out.write_bytes(b'{"index": 0, "prompt": "caf\xe9"}\n')
+        want = f"{out}:1: not valid UTF-8"
+    elif case == "surrogate_prompt":
+        argv, want = ["--checkpoint", chat_dir, "--prompt", "tea \udcff"], "--prompt is not valid text"
+    else:
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text('{"prompt": "tea"}\n{"prompt": "\\udcff tea"}\n')
+        argv[3], want = str(prompts), f"{prompts}:2: a lone surrogate \\udcff"
+    err = fail_main(argv, capsys)
+    assert want in err and "Traceback" not in err
+
+
+def test_cli_full_disk_keeps_every_response_and_resumes(chat_dir, tmp_path, capsys, monkeypatch):
+    import errno
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("tea\nmaps\nthe cat sat\nmusic\n")
+    flags = ["--checkpoint", chat_dir, "--prompt_file", str(prompts), "--max_new_tokens", "5",
+             "--seed", "3", "--batch_size", "1", "--temperature", "0"]  # greedy: a resume is the same
+    whole = str(tmp_path / "whole.jsonl")
+    run_main(flags + ["--out", whole], capsys)
+    out = str(tmp_path / "gens.jsonl")
+    real_write, writes = os.write, []
+
+    def fills_up(fd, buf):
+        if os.readlink(f"/proc/self/fd/{fd}") == out:
+            writes.append(1)
+            if len(writes) == 3:  # the third record finds the disk full, half-way through
+                real_write(fd, bytes(buf[:7]))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, buf)
+
+    monkeypatch.setattr(os, "write", fills_up)
+    err = fail_main(flags + ["--out", out], capsys)
+    assert "the disk is full" in err and f"kept in {out}" in err and "Traceback" not in err
+    assert len(read_jsonl(out)) == 2  # whole records only
+    monkeypatch.undo()
+    run_main(flags + ["--out", out], capsys)
+    assert read_jsonl(out) == read_jsonl(whole)
+
+
+def test_cli_ctrl_c_says_what_was_kept_and_how_to_continue(chat_dir, tmp_path, capsys, monkeypatch):
+    prompts, out = tmp_path / "p.txt", str(tmp_path / "gens.jsonl")
+    prompts.write_text("tea\nmaps\nthe cat sat\n")
+    argv = ["--checkpoint", chat_dir, "--prompt_file", str(prompts), "--out", out,
+            "--max_new_tokens", "4", "--batch_size", "1", "--seed", "2"]
+    real, calls = generate.respond, []
+
+    def interrupted_at_the_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sample, "respond", interrupted_at_the_third)
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"sample.py: interrupted; 2 responses are saved in {out}. "
+                                            f"To continue: python sample.py {' '.join(argv)}")
+    monkeypatch.undo()
+    assert "2 of 3 prompts already answered" in run_main(argv, capsys).err
+    assert [r["prompt"] for r in read_jsonl(out)] == ["tea", "maps", "the cat sat"]
+
+
+def test_cli_prompt_file_without_out_shows_progress_in_tokens(chat_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("tea\nmaps\nthe cat sat\n")
+    got = run_main(["--checkpoint", chat_dir, "--prompt_file", str(prompts), "--max_new_tokens", "9",
+                    "--batch_size", "2"], capsys)
+    assert got.out.count("### ") == 3
+    last = got.err.replace("\r", "\n").strip().splitlines()
+    bar = [line for line in last if "tok/s" in line][-1]
+    assert "3/3 prompts" in bar and "100%" in bar
+
+
+def test_cli_bad_device_is_one_message(chat_dir, capsys):
+    for device, want in (("nope", "'nope' is not a device"), (" , ", "--device is empty")):
+        err = fail_main(["--checkpoint", chat_dir, "--prompt", "tea", "--device", device], capsys)
+        assert want in err and "Traceback" not in err
