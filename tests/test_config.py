@@ -42,3 +42,47 @@ def test_help_lists_defaults_and_survives_percent(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--lr" in out and "100% linear" in out and "(default: 1e-05)" in out
+
+
+@dataclass
+class Ranged:
+    epochs: int = field(default=15, metadata={"min": 1})
+    lr: float = field(default=1e-5, metadata={"min": 0})
+    min_lr: float = field(default=1e-6, metadata={"min": 0, "max": "lr"})
+    save: list[int] = field(default_factory=lambda: [5], metadata={"min": 1, "max": "epochs"})
+    cap: Optional[int] = field(default=None, metadata={"min": 1})
+    dtype: str = field(default="float32", metadata={"choices": ["float32", "bfloat16"]})
+    kind: Optional[str] = field(default=None, metadata={"choices": ["a", "b"]})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--lr", "-1"], "--lr -1.0: must be at least 0"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--min_lr", "1e-4"], "--min_lr 0.0001: must be at most --lr (1e-05)"),
+    (["--save", "3", "16"], "--save 16: must be at most --epochs (15)"),
+    (["--save", "0"], "--save 0: must be at least 1"),
+    (["--cap", "0"], "--cap 0: must be at least 1"),
+    (["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
+    (["--preset", "bad"], "--epochs 0: must be at least 1"),  # a preset's values are checked too
+])
+def test_out_of_range_values_are_one_message_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Ranged, argv, {"bad": {"epochs": 0, "save": [1]}})
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_in_range_values_and_none_pass():
+    cfg = parse_config(Ranged, ["--epochs", "1", "--save", "1", "--min_lr", "1e-5", "--cap", "none",
+                                "--kind", "none", "--dtype", "bfloat16"])
+    assert cfg == Ranged(epochs=1, save=[1], min_lr=1e-5, dtype="bfloat16")
+    assert parse_config(Ranged, ["--kind", "b"]).kind == "b"
+
+
+def test_check_ranges_for_configs_built_in_code():
+    from config import check_ranges
+    check_ranges(Ranged())
+    with pytest.raises(ValueError, match="--epochs 0: must be at least 1"):
+        check_ranges(Ranged(epochs=0, save=[]))
