@@ -135,13 +135,15 @@ def generate(model, prompts, *, stop_ids, max_new_tokens=Decoding.max_new_tokens
              max_seq_len=Decoding.max_seq_len, temperature=Decoding.temperature,
              top_p=Decoding.top_p, repetition_penalty=Decoding.repetition_penalty,
              penalize_prompt=Decoding.penalize_prompt, generator=None, on_token=None,
-             vocab_size=None, compile=False, keep_cache=False, all_done=None):
+             progress=None, vocab_size=None, compile=False, keep_cache=False, all_done=None):
     """Decode a batch of prompts together (LIMA §5).
 
     prompts: token-id lists, BOS included. Returns each prompt's new tokens, without the stop
     token. Row b stops at its first stop id or when prompt + response reach max_seq_len (and
     after max_new_tokens). on_token(row, id) sees each kept token as it is made (a host sync
-    per step). vocab_size: ids at or past it are never sampled (a padded embedding's rows).
+    per step). progress(n) is told of n more kept tokens, every 8 steps and at the end, for
+    progress bars: counted on the device, read where decoding syncs anyway (no extra sync per
+    step). vocab_size: ids at or past it are never sampled (a padded embedding's rows).
     The model is put in eval mode and given back in the mode it was in; its KV cache is
     dropped afterwards unless keep_cache (then the next call reuses it when it fits).
     all_done(done) -> bool decides, from the (B,) bool tensor of finished rows, that decoding
@@ -201,12 +203,16 @@ def generate(model, prompts, *, stop_ids, max_new_tokens=Decoding.max_new_tokens
         stopped = torch.zeros(B, dtype=torch.bool, device=out_device)
         host_done = [False] * B  # for on_token only
         new_tokens = []
+        made = torch.zeros((), dtype=torch.long, device=out_device)  # kept tokens, for progress
+        reported = 0
 
         for i in range(steps):
             nxt = sample_next(logits, penalized, temperature=temperature, top_p=top_p,
                               repetition_penalty=repetition_penalty, generator=generator)
             new_tokens.append(nxt)
             stopped |= torch.isin(nxt, stops)
+            if progress is not None:  # rows still answering, within budget; a stop id is not kept
+                made += (~stopped & (budgets_t > i)).sum()
             if on_token is not None:
                 for row, t in enumerate(nxt.tolist()):
                     if not host_done[row]:
@@ -218,6 +224,10 @@ def generate(model, prompts, *, stop_ids, max_new_tokens=Decoding.max_new_tokens
             # every row stopped or out of budget: done. Ask only every 8 steps (a host sync)
             if (on_token is not None or i % 8 == 7) and all_done(stopped | (budgets_t <= i + 1)):
                 break
+            if progress is not None and i % 8 == 7:  # the device has just synced in all_done
+                n = int(made)
+                progress(n - reported)
+                reported = n
             if penalized is not None:
                 penalized.scatter_(1, nxt[:, None], True)
             # token i of row b goes to position n_b + i; finished rows keep writing (clamped)
@@ -241,6 +251,8 @@ def generate(model, prompts, *, stop_ids, max_new_tokens=Decoding.max_new_tokens
         row = row[:budget]
         cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
         results.append(row[:cut])
+    if progress is not None:
+        progress(sum(map(len, results)) - reported)
     return results
 
 
@@ -282,12 +294,14 @@ def check_chat_model(model, tokenizer):
 
 
 def respond(model, tokenizer, conversations, *, raw=False, batch_size=16, generator=None,
-            on_token=None, compile=False, keep_cache=False, all_done=None, **decoding):
+            on_token=None, progress=None, compile=False, keep_cache=False, all_done=None,
+            **decoding):
     """Conversations (each a list of turns ending on a user turn) -> response strings.
 
     decoding: max_new_tokens, max_seq_len, temperature, top_p, repetition_penalty,
     penalize_prompt (generate's keywords). Batches of similar prompt length, answers in the
-    input order. on_token(index, id) streams tokens of conversation `index`.
+    input order. on_token(index, id) streams tokens of conversation `index`; progress(n) counts
+    tokens made (generate's).
     """
     if not raw:
         check_chat_model(model, tokenizer)
@@ -300,7 +314,8 @@ def respond(model, tokenizer, conversations, *, raw=False, batch_size=16, genera
             stream = None if on_token is None else (lambda row, t, idx=idx: on_token(idx[row], t))
             new = generate(model, [prompts[i] for i in idx], stop_ids=stop_ids(tokenizer),
                            vocab_size=tokenizer.vocab_size, generator=generator,
-                           on_token=stream, compile=compile, keep_cache=True, all_done=all_done,
+                           on_token=stream, progress=progress, compile=compile, keep_cache=True,
+                           all_done=all_done,
                            **decoding)
             for i, ids in zip(idx, new):
                 responses[i] = tokenizer.decode(ids)
