@@ -10,10 +10,10 @@ with one rank shards nothing.
 import glob
 import json
 import os
+import re
 import shutil
 import socket
 import sys
-from contextlib import ExitStack
 
 import torch
 import torch.distributed as dist
@@ -210,16 +210,21 @@ def save_consolidated(model, args, path, dtype, tokenizer_path, extra):
     check_all_ok(error, f"writing the checkpoint {path}")
 
 
-def check_all_ok(error, what, kept="The previous good checkpoint is kept."):
-    """Stop every rank if any rank failed (a rank that raises alone would hang the others)."""
+class Failed(RuntimeError):
+    """Writing a checkpoint or the resume state failed on this rank (the others exit quietly)."""
+
+
+def check_all_ok(error, what):
+    """Stop every rank if any rank failed (a rank that raises alone would hang the others): the
+    failing rank raises Failed with the message, the others exit quietly."""
     device = "cuda" if uses_nccl() else "cpu"
     failed = torch.tensor([error is not None], dtype=torch.int32, device=device)
     dist.all_reduce(failed)
+    if error is not None:
+        text = files.explain(error) if isinstance(error, OSError) and error.filename else str(error)
+        raise Failed(f"{what} failed: {text.rstrip('.')}")
     if failed.item():
-        if isinstance(error, OSError):
-            error = files.explain(error)
-        msg = f"{what} failed: {error}" if error else f"{what} failed on another rank"
-        raise SystemExit(f"error: {msg}. {kept}".rstrip())
+        raise SystemExit(1)
 
 
 # ---- the resume state: safetensors and JSON, nothing pickled -----------------------------------
@@ -281,7 +286,13 @@ def _write_files(folder, rank, tensors):
     def flush():
         nonlocal group, size, count
         path = os.path.join(folder, f"rank{rank:05d}-{count:03d}.safetensors")
-        save_file({k: t.detach().to("cpu").contiguous() for k, t in group.items()}, path)
+        try:
+            save_file({k: t.detach().to("cpu").contiguous() for k, t in group.items()}, path)
+        except Exception as e:  # safetensors reports a failed write with the OS's error number
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), path) from None
         files.fsync(path)
         group, size, count = {}, 0, count + 1
 
@@ -311,8 +322,7 @@ def save_resume(model, optimizer, out_dir, state):
             os.makedirs(tmp)
     except OSError as e:
         error = e
-    kept = "The previous resume state is kept."
-    check_all_ok(error, f"writing the resume state {tmp}", kept)
+    check_all_ok(error, f"writing the resume state {tmp}")
     try:
         tensors = [(k, _local(t)) for k, t in _sharded_state(model, optimizer)]
         tensors.append(("rng/cpu", torch.get_rng_state()))
@@ -321,7 +331,7 @@ def save_resume(model, optimizer, out_dir, state):
         n_files = _write_files(tmp, rank, tensors)
     except Exception as e:
         error = e
-    check_all_ok(error, f"writing the resume state {tmp}", kept)
+    check_all_ok(error, f"writing the resume state {tmp}")
     counts = torch.zeros(world_size, dtype=torch.int64, device="cuda" if uses_nccl() else "cpu")
     counts[rank] = n_files
     dist.all_reduce(counts)
@@ -337,8 +347,7 @@ def save_resume(model, optimizer, out_dir, state):
             files.fsync(out_dir)
         except OSError as e:
             error = e
-    check_all_ok(error, f"swapping in the resume state {final}", "Run again with --resume: it finds "
-                 "the newest complete state.")
+    check_all_ok(error, f"swapping in the resume state {final}")
 
 
 def read_state(path):
@@ -400,84 +409,93 @@ def load_resume(model, optimizer, out_dir):
     if state is None:
         raise FileNotFoundError(f"{path}: no resume state (it is written at the end of each epoch)")
     saved, rank, world_size = state["world_size"], dist.get_rank(), dist.get_world_size()
-    with ExitStack() as stack:
-        index = {}  # key -> {saved rank: an open safetensors file}
+    index = _index(path, state)  # key -> {saved rank: file}
+
+    def read(key, shape, dtype, lo=0, hi=0):
+        """Rows [lo, hi) of the full tensor `key`, from the saved ranks that held them."""
+        if not shape:  # a scalar (Adam's step count), the same on every rank
+            with _open(index, key, 0, (), dtype, path) as f:
+                return f.get_tensor(key)
+        parts = []
         for s in range(saved):
-            names = sorted(glob.glob(os.path.join(path, f"rank{s:05d}-*.safetensors")))
-            if len(names) != state["files"][s]:
-                raise ValueError(f"{path}: rank {s} wrote {state['files'][s]} files, {len(names)} "
-                                 f"are here. The resume state is incomplete: restore it, or start "
-                                 f"the run again with --overwrite.")
-            for name in names:
-                try:
-                    f = stack.enter_context(safe_open(name, "pt", device="cpu"))
-                except Exception as e:  # SafetensorError: truncated or not safetensors
-                    raise ValueError(f"{name}: unreadable ({e}). The resume state is damaged: "
-                                     f"restore it, or start the run again with --overwrite.") from None
-                for key in f.keys():
-                    index.setdefault(key, {})[s] = f
-
-        def read(key, shape, dtype, lo, hi):
-            """Rows [lo, hi) of the full tensor `key`, gathered from the saved ranks' shards."""
-            if not shape:  # a scalar (Adam's step count), the same on every rank
-                return _checked(index, key, 0, (), dtype, path).get_tensor(key)
-            parts = []
-            for s in range(saved):
-                a, b = _rows(shape[0], saved, s)
-                if a < b and a < hi and lo < b:
-                    f = _checked(index, key, s, (b - a, *shape[1:]), dtype, path)
+            a, b = _rows(shape[0], saved, s)
+            if a < b and a < hi and lo < b:
+                with _open(index, key, s, (b - a, *shape[1:]), dtype, path) as f:
                     parts.append(f.get_slice(key)[max(lo, a) - a:min(hi, b) - a])
-            return torch.cat(parts) if parts else torch.empty((0, *shape[1:]), dtype=dtype)
+        return torch.cat(parts) if parts else torch.empty((0, *shape[1:]), dtype=dtype)
 
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                local = p.to_local()
-                lo, hi = _rows(p.shape[0], world_size, rank)
-                if hi - lo != local.shape[0]:
-                    raise RuntimeError(f"{name}: FSDP holds {local.shape[0]} rows on rank {rank}, "
-                                       f"not {hi - lo} as torch.chunk would")
-                local.copy_(read(f"model/{name}", tuple(p.shape), p.dtype, lo, hi))
-        # the optimizer's own state_dict format, filled with this rank's shards
-        names = {p: name for name, p in model.named_parameters()}
-        opt_state = {}  # parameter index (its place in the param groups) -> its state
-        for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-            prefix = f"optim/{names[p]}/"
-            entry = {}
-            for key in (k for k in index if k.startswith(prefix)):
-                any_file = next(iter(index[key].values()))
-                if not any_file.get_slice(key).get_shape():
-                    entry[key[len(prefix):]] = read(key, (), torch.float32, 0, 0)
-                else:
-                    lo, hi = _rows(p.shape[0], world_size, rank)
-                    local = read(key, tuple(p.shape), p.dtype, lo, hi).to(p.to_local().device)
-                    entry[key[len(prefix):]] = DTensor.from_local(
-                        local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
-                        run_check=False)
-            if entry:
-                opt_state[i] = entry
-        optimizer.load_state_dict({"state": opt_state,
-                                   "param_groups": optimizer.state_dict()["param_groups"]})
-        if saved == world_size:  # dropout masks continue as if never interrupted
-            torch.set_rng_state(_checked(index, "rng/cpu", rank, None, torch.uint8, path).get_tensor("rng/cpu"))
-            if torch.cuda.is_available() and rank in index.get("rng/cuda", {}):
-                torch.cuda.set_rng_state(index["rng/cuda"][rank].get_tensor("rng/cuda"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local()
+            lo, hi = _rows(p.shape[0], world_size, rank)
+            if hi - lo != local.shape[0]:
+                raise RuntimeError(f"{name}: FSDP holds {local.shape[0]} rows on rank {rank}, "
+                                   f"not {hi - lo} as torch.chunk would")
+            local.copy_(read(f"model/{name}", tuple(p.shape), p.dtype, lo, hi))
+    # the optimizer's own state_dict format, filled with this rank's shards
+    saved_keys = {}  # parameter name -> its state's keys ("step", "exp_avg", ...)
+    for key in index:
+        if key.startswith("optim/"):
+            name, _, what = key[len("optim/"):].rpartition("/")
+            saved_keys.setdefault(name, []).append(what)
+    names = {p: name for name, p in model.named_parameters()}
+    opt_state = {}  # parameter index (its place in the param groups) -> its state
+    for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+        lo, hi = _rows(p.shape[0], world_size, rank)
+        for what in saved_keys.get(names[p], []):
+            key = f"optim/{names[p]}/{what}"
+            if what == "step":
+                value = read(key, (), torch.float32)
+            else:  # a moment, sharded as its parameter
+                local = read(key, tuple(p.shape), p.dtype, lo, hi).to(p.to_local().device)
+                value = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape,
+                                           stride=p.stride(), run_check=False)
+            opt_state.setdefault(i, {})[what] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]})
+    if saved == world_size:  # the dropout masks go on as if never interrupted
+        with _open(index, "rng/cpu", rank, None, torch.uint8, path) as f:
+            torch.set_rng_state(f.get_tensor("rng/cpu"))
+        if torch.cuda.is_available() and rank in index.get("rng/cuda", {}):
+            with _open(index, "rng/cuda", rank, None, torch.uint8, path) as f:
+                torch.cuda.set_rng_state(f.get_tensor("rng/cuda"))
     return state
 
 
-def _checked(index, key, rank, shape, dtype, path):
-    """The open file that holds saved rank `rank`'s `key`, its shape and dtype as expected."""
-    f = index.get(key, {}).get(rank)
-    if f is None:
-        raise ValueError(f"{path}: no {key} from rank {rank}. The resume state is incomplete or "
-                         f"from another model: restore it, or start the run again with --overwrite.")
+DAMAGED = "The resume state is damaged: restore it, or start the run again with --overwrite."
+
+
+def _index(path, state):
+    """key -> {saved rank: its file}, every file's header read (and so checked) once."""
+    index = {}
+    for s in range(state["world_size"]):
+        names = sorted(glob.glob(os.path.join(path, f"rank{s:05d}-*.safetensors")))
+        if len(names) != state["files"][s]:
+            raise ValueError(f"{path}: rank {s} wrote {state['files'][s]} files, {len(names)} are "
+                             f"here. {DAMAGED}")
+        for name in names:
+            try:
+                with safe_open(name, "pt", device="cpu") as f:
+                    keys = list(f.keys())
+            except Exception as e:  # SafetensorError: truncated, or not safetensors at all
+                raise ValueError(f"{name}: unreadable ({e}). {DAMAGED}") from None
+            for key in keys:
+                index.setdefault(key, {})[s] = name
+    return index
+
+
+def _open(index, key, rank, shape, dtype, path):
+    """The file that holds saved rank `rank`'s `key`, opened, once its shape and dtype are
+    checked (shape None: any)."""
+    file = index.get(key, {}).get(rank)
+    if file is None:
+        raise ValueError(f"{path}: no {key} from rank {rank}. {DAMAGED}")
+    f = safe_open(file, "pt", device="cpu")
     sl = f.get_slice(key)
     got_shape, got_dtype = tuple(sl.get_shape()), sl.get_dtype()
-    want_dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                  torch.uint8: "U8"}.get(dtype)
+    want_dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.uint8: "U8"}.get(dtype)
     if (shape is not None and got_shape != tuple(shape)) or got_dtype != want_dtype:
-        raise ValueError(f"{path}: {key} from rank {rank} is {got_dtype} {list(got_shape)}, "
-                         f"expected {want_dtype} {list(shape or got_shape)}. The resume state is "
-                         f"damaged or from another model.")
+        raise ValueError(f"{file}: {key} is {got_dtype} {list(got_shape)}, expected {want_dtype} "
+                         f"{list(shape or got_shape)}. {DAMAGED}")
     return f
 
 

@@ -1,6 +1,6 @@
 """LIMA fine-tuning: 15 epochs of plain next-token loss on ~1,000 examples (LIMA §3).
 
-    # the built-in demo (a tiny model, CPU, a minute)
+    # the built-in demo: a tiny model from scratch on the demo data, CPU, a few minutes
     python prepare_data.py --demo --out_dir data/demo && python train.py --preset demo
 
     # LIMA 65B (the paper's run): 8 GPUs, FSDP2
@@ -58,48 +58,65 @@ SCRATCH = "scratch"  # --init_from scratch: random weights, only when asked for
 @dataclass
 class TrainConfig:
     """Fine-tune a LLaMA on LIMA-format data prepared by prepare_data.py."""
-    init_from: str = field(default="", metadata={"help": "the base model's directory (Meta or HF layout, or one of ours); "
-                                                         "'scratch' trains a --model preset from random weights"})
-    tokenizer: Optional[str] = field(default=None, metadata={"help": "the base model's tokenizer.model, when it is not in "
-                                                                     "--init_from or its parent (checked against the data's)"})
-    model: str = field(default="debug", metadata={"help": "model.PRESETS entry for --init_from scratch",
-                                                  "choices": sorted(MODEL_PRESETS)})
+    init_from: str = field(default="", metadata={
+        "help": "the base model's directory (Meta or HF layout, or one of ours); 'scratch' trains a "
+                "--model preset from random weights"})
+    tokenizer: Optional[str] = field(default=None, metadata={
+        "help": "the base model's tokenizer.model when it is not in --init_from or its parent "
+                "(checked against the data's)"})
+    model: str = field(default="debug", metadata={
+        "help": "model.PRESETS entry for --init_from scratch", "choices": sorted(MODEL_PRESETS)})
     data_dir: str = field(default="data/lima", metadata={"help": "output of prepare_data.py"})
-    out_dir: str = field(default="out/lima", metadata={"help": "checkpoints, resume state, metrics.jsonl, dev generations"})
+    out_dir: str = field(default="out/lima", metadata={
+        "help": "checkpoints, resume state, metrics.jsonl, dev generations"})
     # LIMA §3: "15 epochs using AdamW with β1 = 0.9, β2 = 0.95, and weight decay of 0.1.
     # Without warmup steps, we set the initial learning rate to 1e-5 and linearly decaying to
     # 1e-6 by the end of training. The batch size is set to 32 examples (64 for smaller
     # models), and texts longer than 2048 tokens are trimmed."
     epochs: int = field(default=15, metadata={"help": "LIMA §3", "min": 1})
-    batch_size: int = field(default=32, metadata={"help": "examples per optimizer step, all ranks together (LIMA §3)", "min": 1})
-    # max: Adam's step is lr / (1 - beta1^t), up to 1e4 lr, and must stay within float32 (3e38)
+    batch_size: int = field(default=32, metadata={
+        "help": "examples per optimizer step, all ranks together (LIMA §3)", "min": 1})
+    # max: Adam's step is up to 1e4 lr (lr / (1 - beta1^t)) and must stay a float32 (< 3e38)
     lr: float = field(default=1e-5, metadata={"help": "at step 0, no warmup (LIMA §3)", "min": 0, "max": 1e30})
-    min_lr: float = field(default=1e-6, metadata={"help": "at the last step, linear decay (LIMA §3)", "min": 0, "max": "lr"})
-    beta1: float = field(default=0.9, metadata={"min": 0, "max": 0.9999})  # 1 would never update the moment
+    min_lr: float = field(default=1e-6, metadata={
+        "help": "at the last step, linear decay (LIMA §3)", "min": 0, "max": "lr"})
+    beta1: float = field(default=0.9, metadata={"min": 0, "max": 0.9999})  # 1: the moment never moves
     beta2: float = field(default=0.95, metadata={"min": 0, "max": 0.9999})
     weight_decay: float = field(default=0.1, metadata={"help": "on matrices, not on norms (LIMA §3)", "min": 0})
-    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm; the paper is silent (ours: LLaMA's pretraining value); 0 = off", "min": 0})
+    grad_clip: float = field(default=1.0, metadata={
+        "help": "max grad norm; the paper is silent (ours: LLaMA's pretraining value); 0 = off", "min": 0})
     # LIMA §3: "residual dropout ... linearly raise the rate across the layers, from p=0.0 at
     # the bottom layer to p=0.3 at the last layer (p=0.2 for smaller models)".
-    resid_dropout: float = field(default=0.3, metadata={"help": "p_max of the depth-scaled residual dropout (LIMA §3)", "min": 0, "max": 1})
+    resid_dropout: float = field(default=0.3, metadata={
+        "help": "p_max of the depth-scaled residual dropout (LIMA §3)", "min": 0, "max": 1})
     # LIMA §3: checkpoints were picked by hand among epochs 5-10 on the dev set
     save_epochs: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9, 10], metadata={
-        "help": "epochs (1-based) with a full checkpoint and dev generations; the last epoch always", "min": 1, "max": "epochs"})
-    generate_every_epoch: bool = field(default=False, metadata={"help": "dev generations after every epoch, not only the saved ones"})
-    dev_max_new_tokens: Optional[int] = field(default=None, metadata={"help": "cap on dev responses; None: up to the context (LIMA §5)", "min": 1})
-    micro_batch_tokens: int = field(default=8192, metadata={"help": "token budget of one packed micro-batch per rank", "min": 1})
+        "help": "epochs (1-based) with a full checkpoint and dev generations; the last epoch always",
+        "min": 1, "max": "epochs"})
+    generate_every_epoch: bool = field(default=False, metadata={
+        "help": "dev generations after every epoch, not only the saved ones"})
+    dev_max_new_tokens: Optional[int] = field(default=None, metadata={
+        "help": "cap on dev responses; None: up to the context (LIMA §5)", "min": 1})
+    micro_batch_tokens: int = field(default=8192, metadata={
+        "help": "token budget of one packed micro-batch per rank", "min": 1})
     seed: int = field(default=1337, metadata={"min": 0})
-    resume: bool = field(default=False, metadata={"help": "continue the run in out_dir from the end of its last finished epoch"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in out_dir from the end of its last finished epoch"})
     overwrite: bool = field(default=False, metadata={"help": "delete the earlier run in out_dir and start again"})
-    device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu", "choices": ["auto", "cpu", "cuda"]})
-    param_dtype: str = field(default="float32", metadata={"help": "sharded master weights and so optimizer state (65B on 8x80GB: bfloat16)",
-                                                          "choices": ["float32", "bfloat16"]})
-    compute_dtype: str = field(default="auto", metadata={"help": "forward/backward dtype: auto is bfloat16 on cuda, else param_dtype",
-                                                         "choices": ["auto", "float32", "bfloat16"]})
+    device: str = field(default="auto", metadata={
+        "help": "auto: cuda if available, else cpu", "choices": ["auto", "cpu", "cuda"]})
+    param_dtype: str = field(default="float32", metadata={
+        "help": "sharded master weights and so optimizer state (65B on 8x80GB: bfloat16)",
+        "choices": ["float32", "bfloat16"]})
+    compute_dtype: str = field(default="auto", metadata={
+        "help": "forward/backward dtype: auto is bfloat16 on cuda, else param_dtype",
+        "choices": ["auto", "float32", "bfloat16"]})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each block in the backward"})
-    cpu_offload: bool = field(default=False, metadata={"help": "keep sharded params, grads and optimizer state in host memory"})
+    cpu_offload: bool = field(default=False, metadata={
+        "help": "keep sharded params, grads and optimizer state in host memory"})
     force: bool = field(default=False, metadata={"help": "start even if the memory plan says it does not fit"})
-    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many optimizer steps (benchmarks, tests)", "min": 1})
+    max_steps: Optional[int] = field(default=None, metadata={
+        "help": "stop after this many optimizer steps (benchmarks, tests)", "min": 1})
 
 
 PRESETS = {
@@ -613,8 +630,8 @@ def one_step(run, epoch, batch, total_steps, supervised):
     record = dict(step=run.step, epoch=epoch + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
                   supervised_tokens=n_supervised, tokens_per_s=tokens / dt, time_s=dt)
     if run.device.type == "cuda" and distributed.compute_dtype(cfg, run.device) == torch.bfloat16:
-        n_params = sum(p.numel() for p in run.model.parameters())
-        record["mfu"] = step_flops(run.args, n_params, [lengths[i] for i in batch]) / dt / (PEAK_BF16 * run.world_size)
+        flops = step_flops(run.args, sum(p.numel() for p in run.model.parameters()), [lengths[i] for i in batch])
+        record["mfu"] = flops / dt / (PEAK_BF16 * run.world_size)
         record["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     run.step += 1
     return record
@@ -682,8 +699,12 @@ def main(argv=None):
                   f"{'Continue' if resumable else 'Start again'} with: {continue_command(argv, resumable)}",
                   file=sys.stderr)
         sys.exit(130)
-    except OSError as e:  # a full or read-only disk, a missing file: one line, no traceback
-        print(f"error: {files.explain(e) if e.filename else e}", file=sys.stderr)
+    except (OSError, distributed.Failed) as e:  # a full or read-only disk: one line, no traceback
+        text = files.explain(e) if isinstance(e, OSError) and e.filename else str(e)
+        if last_state(cfg.out_dir) is not None:
+            text += (f". Kept in {cfg.out_dir}: {kept(cfg.out_dir)}; once that is fixed, continue "
+                     f"with: {continue_command(argv, True)}")
+        print(f"error: {text}", file=sys.stderr)
         sys.exit(1)
     except (ValueError, files.Locked) as e:  # bad input: a clear message, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -544,3 +544,15 @@ def test_dev_generation_progress_is_counted_in_tokens():
                             top_p=1.0, progress=calls.append, generator=torch.Generator().manual_seed(0))
     assert sum(calls) == sum(map(len, out)) > 0  # every kept token, stop tokens not
     assert len(calls) <= 40 // 8 + 1  # every 8 steps, where decoding syncs anyway, and at the end
+
+
+def test_the_continue_command_keeps_the_launcher_and_the_flags(monkeypatch):
+    argv = ["--init_from", "llama/7B", "--out_dir", "out/my run", "--overwrite"]
+    for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert train.continue_command(argv, True) == "python train.py --init_from llama/7B --out_dir 'out/my run' --resume"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert train.continue_command(argv, True).startswith("torchrun --nproc_per_node=8 train.py --init_from")
+    assert train.continue_command(argv + ["--resume"], False).endswith("'out/my run' --overwrite")
