@@ -25,8 +25,8 @@ from typing import Optional
 import numpy as np
 
 import files
-from config import parse_config
-from data import (FORMAT, DataError, answered, carve_dev, encode_examples, prompt_records,
+from config import check_ranges, parse_config
+from data import (FORMAT, DataError, answered, asked, carve_dev, encode_examples, prompt_records,
                   read_conversations, token_dtype, write_jsonl, write_split)
 from tokenizer import load_tokenizer
 
@@ -46,17 +46,20 @@ class PrepareConfig:
     dev_file: Optional[str] = field(default=None, metadata={
         "help": "held-out dev conversations; without it, --dev_size examples are carved from --train"})
     dev_size: int = field(default=50, metadata={
-        "help": "examples held out of --train as the dev set (LIMA §2: a dev set of 50); 0 for none"})
+        "help": "examples held out of --train as the dev set (LIMA §2: a dev set of 50); 0 for none", "min": 0})
+    allow_dev_overlap: bool = field(default=False, metadata={
+        "help": "keep dev examples whose prompt is also in train (reported either way)"})
     tokenizer: Optional[str] = field(default=None, metadata={
         "help": "the base model's tokenizer.model (SentencePiece, or Llama 3's tiktoken), tokenizer.json, "
                 "or its directory; EOT is Llama 3's <|eot_id|>, else a new id (the vocabulary size)"})
     out_dir: Optional[str] = field(default=None, metadata={
         "help": "output directory; None: data/lima, or data/demo with --demo"})
     max_len: int = field(default=2048, metadata={
-        "help": "examples longer than this many tokens are trimmed, keeping the start (LIMA §3)"})
+        "help": "examples longer than this many tokens are trimmed, keeping the start (LIMA §3); "
+                "at least BOS and one token", "min": 2})
     train_on_prompt: bool = field(default=False, metadata={
         "help": "train on every token, not only the assistant's turns (our default: off)"})
-    seed: int = field(default=1337, metadata={"help": "seed of the dev split"})
+    seed: int = field(default=1337, metadata={"help": "seed of the dev split", "min": 0})
     demo: bool = field(default=False, metadata={
         "help": "prepare the built-in demo set (demo/*.jsonl) and train a small tokenizer for it"})
 
@@ -90,6 +93,25 @@ def check_out_dir(out_dir):
                         f"prepare_data.py run; refusing to replace it. Choose another --out_dir.")
 
 
+def dev_in_train(train, dev):
+    """Dev examples whose prompt (data.asked) is also a training example's: the model would have
+    been trained on the answer the dev set asks for. -> [(dev example, train example)]."""
+    seen = {}
+    for ex in train:
+        seen.setdefault(asked(ex), ex)
+    return [(ex, seen[asked(ex)]) for ex in dev if asked(ex) in seen]
+
+
+def describe_overlap(pairs, train_path, dev_path):
+    shown = "; ".join(f"{dev_path}:{d['line']} = {train_path}:{t['line']} ({d['turns'][0][:40]!r})"
+                      for d, t in pairs[:MAX_SHOWN])
+    more = f"; and {len(pairs) - MAX_SHOWN} more" if len(pairs) > MAX_SHOWN else ""
+    return f"{len(pairs)} dev examples have a prompt that is also in train: {shown}{more}"
+
+
+MAX_SHOWN = 3
+
+
 # ----------------------------------------------------------------------------------------------
 
 def prepare(cfg):
@@ -101,8 +123,7 @@ def prepare(cfg):
     if cfg.tokenizer is None and not cfg.demo:
         raise DataError("pass --tokenizer PATH/tokenizer.model or tokenizer.json (the base "
                         "model's), or --demo")
-    if cfg.max_len < 2:
-        raise DataError(f"--max_len {cfg.max_len}: need room for BOS and at least one token")
+    check_ranges(cfg)  # parse_config did, unless cfg was built in code
     out_dir = os.path.abspath(cfg.out_dir or ("data/demo" if cfg.demo else "data/lima"))
 
     # read and check every input before anything is written
@@ -125,6 +146,13 @@ def prepare(cfg):
                              lone_prompts=dev_lone)
     else:
         train, dev = carve_dev(train, cfg.dev_size, cfg.seed)
+    overlap = dev_in_train(train, dev)
+    if overlap:
+        what = describe_overlap(overlap, cfg.train, cfg.dev_file or cfg.train)
+        if not cfg.allow_dev_overlap:
+            raise DataError(f"{what}. A dev set that was trained on measures nothing: remove "
+                            f"them from one of the files, or pass --allow_dev_overlap to keep them.")
+        print(f"prepare_data.py: warning: {what} (kept: --allow_dev_overlap)", file=sys.stderr)
     if test_conv is not None:
         inputs["test"] = dict(path=os.path.abspath(cfg.test), rows=len(test_conv))
     check_out_dir(out_dir)
@@ -159,6 +187,7 @@ def prepare(cfg):
             max_len=cfg.max_len, train_on_prompt=cfg.train_on_prompt, seed=cfg.seed,
             dev_size=len(enc["dev"].kept),
             dev_lines=[ex["line"] for ex in enc["dev"].kept],  # lines of --dev_file or --train
+            dev_in_train=len(overlap),
             test_prompts=len(test_conv) if test_conv is not None else 0,
             inputs=inputs,
             splits={name: e.stats for name, e in enc.items()},
@@ -190,6 +219,8 @@ def summary(meta):
     for name, inp in meta["inputs"].items():
         if inp.get("lone_prompts"):
             lines.append(f"{name}: {inp['lone_prompts']:,} rows were a lone user prompt, skipped")
+    if meta["dev_in_train"]:
+        lines.append(f"dev   {meta['dev_in_train']:,} examples with a prompt also in train (--allow_dev_overlap)")
     if meta["test_prompts"]:
         lines.append(f"test  {meta['test_prompts']:,} prompts")
     lines.append(f"wrote {meta['data_dir']} (tokenizer {meta['tokenizer']}, sha256 "
@@ -202,7 +233,10 @@ def main(argv=None):
     cfg = parse_config(PrepareConfig, argv)
     try:
         meta = prepare(cfg)
-    except (DataError, FileNotFoundError, ValueError) as e:  # bad input: the message, no traceback
+    except OSError as e:  # a full or read-only disk, a missing file: one line, no traceback
+        print(f"prepare_data.py: error: {files.explain(e) if e.filename else e}", file=sys.stderr)
+        sys.exit(1)
+    except ValueError as e:  # bad input (DataError): the message, no traceback
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     print(summary(meta))

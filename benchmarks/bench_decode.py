@@ -11,12 +11,13 @@ bandwidth (4.25 TB/s measured on an H200, benchmarks/gpu_h200.md): every step re
 weights plus the live KV cache.
 """
 
-import argparse
 import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -24,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import checkpoint  # noqa: E402
 import generate  # noqa: E402
-from model import ModelArgs, Transformer, model_args  # noqa: E402
+from config import parse_config  # noqa: E402
+from model import PRESETS, ModelArgs, Transformer, model_args  # noqa: E402
 
 SMALL = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32001, multiple_of=256)
 BANDWIDTH = 4.25e12  # B/s, device-to-device copy measured on an H200 (benchmarks/gpu_h200.md)
@@ -84,18 +86,24 @@ def decode_rate(fn, batch, n, device, repeats):
     return statistics.median(rates)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small", help="small, or a model.PRESETS name (7B, ...)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--prompt_len", type=int, default=64)
-    p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="also time sample.py --compile")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    a = p.parse_args()
+@dataclass
+class DecodeBenchConfig:
+    preset: str = field(default="small", metadata={"help": "small, or a model.PRESETS name",
+                                                   "choices": ["small"] + sorted(PRESETS)})
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu",
+                        metadata={"choices": ["cpu", "cuda"]})
+    dtype: Optional[str] = field(default=None, metadata={"help": "None: bfloat16 on cuda, float32 on cpu",
+                                                         "choices": ["float32", "bfloat16", "float16"]})
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32], metadata={"min": 1})
+    prompt_len: int = field(default=64, metadata={"min": 1})
+    new_tokens: int = field(default=64, metadata={"help": "the rate needs at least 2", "min": 2})
+    repeats: int = field(default=3, metadata={"min": 1})
+    compile: bool = field(default=False, metadata={"help": "also time sample.py --compile"})
+    threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads", "min": 1})
+
+
+def main(argv=None):
+    a = parse_config(DecodeBenchConfig, argv, description=__doc__.split("\n\n")[0])
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype) if a.dtype else (

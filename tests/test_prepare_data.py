@@ -343,3 +343,46 @@ def test_large_file_is_fast(tmp_path, tiny_tokenizer_path):
     assert time.time() - t0 < 10
     assert meta["splits"]["train"]["examples"] == 19_950 and meta["splits"]["dev"]["examples"] == 50
     assert data.load_split(out, "train").offsets[-1] == meta["splits"]["train"]["tokens"]
+
+
+def test_dev_examples_also_in_train_are_reported_and_refused(tmp_path, tiny_tokenizer_path, capsys):
+    rows, dev_rows = make_rows(20, seed=0), make_rows(5, seed=1)
+    dev_rows[1] = dict(rows[7], conversations=["  " + rows[7]["conversations"][0]] + rows[7]["conversations"][1:])
+    dev_rows[3] = rows[12]  # the same prompt (whitespace aside): the model trains on its answer
+    dev = write_jsonl(tmp_path / "dev.jsonl", dev_rows)
+    with pytest.raises(SystemExit):
+        prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_file", dev)
+    err = capsys.readouterr().err
+    train = tmp_path / "data.jsonl"
+    assert "2 dev examples have a prompt that is also in train" in err
+    assert f"{dev}:2 = {train}:8" in err and f"{dev}:4 = {train}:13" in err and "--allow_dev_overlap" in err
+    assert not (tmp_path / "data").exists()
+    out, meta = prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_file", dev, "--allow_dev_overlap")
+    assert meta["dev_in_train"] == 2 and "prompt also in train" in capsys.readouterr().out
+
+
+def test_carved_dev_never_takes_a_prompt_that_train_repeats(tmp_path, tiny_tokenizer_path):
+    rows = make_rows(12)
+    repeated = [dict(r, conversations=r["conversations"][:-1] + ["another answer"]) for r in rows[:6]]
+    out, meta = prepare(tmp_path, tiny_tokenizer_path, rows + repeated, "--dev_size", "5", "--seed", "0")
+    assert meta["dev_in_train"] == 0 and all(6 < line <= 12 for line in meta["dev_lines"])
+    with pytest.raises(SystemExit):  # six prompts appear once: at most six can be held out
+        prepare(tmp_path, tiny_tokenizer_path, rows + repeated, "--dev_size", "7", name="seven")
+
+
+def test_flags_are_range_checked_when_read(tmp_path, capsys):
+    for argv, message in ((["--dev_size", "-1"], "--dev_size -1: must be at least 0"),
+                          (["--max_len", "1"], "--max_len 1: must be at least 2")):
+        with pytest.raises(SystemExit) as e:
+            pd.main(["--demo", "--out_dir", str(tmp_path / "x"), *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unwritable_out_dir_is_one_message(tmp_path, tiny_tokenizer_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(5))
+    with pytest.raises(SystemExit) as e:
+        pd.main(["--train", train, "--tokenizer", tiny_tokenizer_path, "--out_dir", str(tmp_path / "a_file" / "data"), "--dev_size", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and f"{tmp_path / 'a_file'}: " in err and "choose another output directory" in err
+    assert "Traceback" not in err
