@@ -9,6 +9,7 @@ import random
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,7 +66,7 @@ def launch(setup, out, *flags, nproc=1):
     cmd = [sys.executable, os.path.join(ROOT, "train.py")]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + random.Random(out).randint(0, 1000)), os.path.join(ROOT, "train.py")]
+               "--master_port", str(free_port()), os.path.join(ROOT, "train.py")]
     cmd += ["--init_from", str(setup / "base"), "--data_dir", str(setup / "data"),
             "--out_dir", str(setup / out), *FLAGS, *flags]
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
@@ -83,6 +84,13 @@ def train_here(setup, out, *flags):
     except SystemExit as e:  # as the interpreter reports it: a string is printed, status 1
         code, message = (1, e.code + "\n") if isinstance(e.code, str) else (e.code, "")
     return SimpleNamespace(returncode=code, stderr=err.getvalue() + message)
+
+
+def free_port():
+    """A port nothing listens on now (other test runs may share the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(setup, out, *flags, nproc=1):
@@ -482,8 +490,8 @@ def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_runs(setup)
     out.mkdir()
     with files.lock(out / "train"):  # as train.py holds it for its whole run (flock: per open file)
         failed(train_here(setup, "busy"),
-               f"{out / 'train'} is in use by another process (pid {os.getpid()}")
-    assert os.listdir(out) == ["train.lock"]
+               f"{out / 'train'} is being written by another process (pid {os.getpid()}")
+    assert os.listdir(out) == []  # the refused run left nothing; the holder removed its lock file
 
 
 def test_weights_gone_non_finite_are_never_written(setup, after_epoch1, monkeypatch):
@@ -590,7 +598,7 @@ def test_checkpoints_record_the_tokenizer(reference, setup, tiny_tokenizer_path)
     (["--model", "nope"], "--model 'nope': must be one of"),
     (["--param_dtype", "fp16"], "--param_dtype 'fp16': must be one of float32, bfloat16"),
     (["--device", "tpu"], "--device 'tpu': must be one of auto, cpu, cuda"),
-    (["--resid_dropout", "1.5"], "--resid_dropout 1.5: must be at most 1"),
+    (["--resid_dropout", "1.5"], "--resid_dropout 1.5: must be at least 0 and at most 1"),
 ])
 def test_flags_are_range_checked_when_read(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
