@@ -30,13 +30,9 @@ the run stops, keeping the last good state. The resume state is safetensors and 
 pickle: no code runs from a file in out_dir). Ctrl-C says what was kept and how to continue.
 """
 
-import hashlib
 import json
 import math
 import os
-import re
-import shlex
-import shutil
 import sys
 import time
 from contextlib import ExitStack
@@ -53,6 +49,7 @@ import checkpoint
 import data
 import distributed
 import files
+import rundir
 import optim
 from config import check_ranges, parse_config
 from distributed import log
@@ -397,100 +394,6 @@ class Run:
     step: int = 0
 
 
-# ---- the output directory: one run, continued only as the same run ----------------------------
-
-def earlier_run(out_dir):
-    """The files a run of train.py leaves in out_dir (only these names: nothing else is ours)."""
-    if not os.path.isdir(out_dir):
-        return []
-    ours = ("metrics.jsonl", "dev.jsonl", "train_config.json", "dev_generations",
-            distributed.RESUME, distributed.RESUME + ".tmp", distributed.RESUME + ".old")
-    return sorted(n for n in os.listdir(out_dir) if n in ours or re.fullmatch(r"epoch_\d+", n))
-
-
-def claim_out_dir(cfg):
-    """Rank 0, holding out_dir's lock, before anything is loaded: clean up what a killed run
-    left, then start where asked: --resume from the newest complete resume state; --overwrite
-    after deleting the earlier run; otherwise only in a directory that holds no run."""
-    out = cfg.out_dir
-    for folder in (out, os.path.join(out, "dev_generations")):
-        files.remove_stale(folder)  # .epoch_NN.tmp-*: a full model each at 65B
-    earlier = earlier_run(out)
-    if cfg.resume:
-        if distributed.recover_resume(out) is None:
-            raise ValueError(
-                f"--resume: {out} holds no resume state; it is written at the end of each epoch"
-                f"{', and the run there stopped before its first one ended' if earlier else ''}. "
-                f"Start without --resume{' and with --overwrite' if earlier else ''}.")
-    elif earlier:
-        if not cfg.overwrite:
-            raise ValueError(
-                f"{out} holds an earlier run ({', '.join(earlier[:6])}{', ...' if len(earlier) > 6 else ''}). "
-                f"Continue it with --resume, delete it and start again with --overwrite, or choose "
-                f"another --out_dir.")
-        for name in earlier:
-            path = os.path.join(out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        log(f"--overwrite: deleted the earlier run in {out} ({', '.join(earlier)})")
-
-
-def data_sha256(data_dir):
-    """The prepared data's identity: its token, mask and offset arrays (not meta.json, which
-    holds paths)."""
-    h = hashlib.sha256()
-    for split in ("train", "dev"):
-        for part in ("tokens", "mask", "offsets"):
-            path = os.path.join(data_dir, f"{split}.{part}.npy")
-            if os.path.isfile(path):
-                h.update(f"{split}.{part}\0".encode())
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-    return h.hexdigest()
-
-
-# Settings a resumed run must share with the run it continues: they change what is trained
-# (the schedule, the batches, the updates, the dropout). Free to differ: where things are
-# (init_from, tokenizer, data_dir paths; the weights come from the resume state, and the data
-# and tokenizer are compared by content), the device and number of ranks, how a step is
-# computed (micro_batch_tokens, activation_checkpointing, cpu_offload: the same sums), when to
-# stop (max_steps, force) and what to write at the end of an epoch (save_epochs,
-# generate_every_epoch, dev_max_new_tokens).
-SAME_RUN = ("epochs", "batch_size", "lr", "min_lr", "beta1", "beta2", "weight_decay", "grad_clip",
-            "resid_dropout", "seed")
-
-
-def run_identity(cfg, meta, args, device):
-    identity = {name: getattr(cfg, name) for name in SAME_RUN}
-    identity.update(
-        param_dtype=str(distributed.param_dtype(cfg)).removeprefix("torch."),
-        compute_dtype=str(distributed.compute_dtype(cfg, device)).removeprefix("torch."),
-        data_sha256=data_sha256(cfg.data_dir), tokenizer_sha256=meta["tokenizer_sha256"],
-        model=asdict(args))
-    return json.loads(json.dumps(identity))  # as state.json will hold it
-
-
-def check_same_run(saved, now, path):
-    """--resume continues a run, never another one: every difference is named."""
-    saved = saved if isinstance(saved, dict) else {}
-    diffs = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if key == "model" and isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"the model's {k} ({a.get(k)!r} there, {b.get(k)!r} now)"
-                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b and key.endswith("sha256"):  # data_sha256, tokenizer_sha256
-            what = "the prepared data" if key.startswith("data") else "the tokenizer"
-            diffs.append(f"{what} (sha256 {str(a)[:12]}... there, {str(b)[:12]}... now)")
-        elif a != b:
-            diffs.append(f"--{key} ({a!r} there, {b!r} now)")
-    if diffs:
-        raise ValueError(
-            f"--resume: this is not the run saved in {path}: {'; '.join(diffs)}. Resume with its "
-            f"settings and data (its train_config.json lists the settings), or start a new run in "
-            f"another --out_dir.")
-
-
 # ---- setup -------------------------------------------------------------------------------------
 
 def setup(cfg, device, rank, world_size):
@@ -503,10 +406,10 @@ def setup(cfg, device, rank, world_size):
     dev_prompts = data.read_prompts(cfg.data_dir, "dev") if has_dev else []
     tokenizer = load_tokenizer(meta["tokenizer"])
     args, add_eot = resolve_model_args(cfg, meta, tokenizer)
-    identity = run_identity(cfg, meta, args, device)
+    identity = rundir.run_identity(cfg, meta, args, device)
     resume_path = os.path.join(cfg.out_dir, distributed.RESUME)
     if cfg.resume:  # before minutes of loading, not after
-        check_same_run(distributed.read_state(resume_path).get("run"), identity, resume_path)
+        rundir.check_same_run(distributed.read_state(resume_path).get("run"), identity, resume_path)
     distributed.memory_plan(cfg, args, world_size, device, meta["max_len"])
     # resuming: the weights come from the resume state, so the base is not read at all
     weights = None if cfg.resume else source_weights(cfg, args, add_eot, tokenizer.eot_id)
@@ -534,49 +437,6 @@ def step_flops(args, n_params, lengths):
     return 6 * n_params * tokens + sum(6 * args.n_layers * args.dim * int(n) ** 2 for n in lengths)
 
 
-def _numbered(key):
-    def parse(row):
-        if not isinstance(row.get(key), int):
-            raise data.DataError(f"no integer '{key}' (a line of train.py's log?)")
-        return row
-    return parse
-
-
-def start_logs(run):
-    """metrics.jsonl (a line per step) and dev.jsonl (a line per epoch). A resumed run keeps
-    exactly the lines before its resume point: the killed run may have logged more, and its
-    last line may be torn (cut off). Rewritten atomically; a fresh run finds neither."""
-    out = run.cfg.out_dir
-    metrics = os.path.join(out, "metrics.jsonl")
-    if run.rank == 0:
-        if run.cfg.resume:
-            for name, key, end in (("metrics.jsonl", "step", run.step), ("dev.jsonl", "epoch", run.epoch + 1)):
-                path = os.path.join(out, name)
-                if os.path.exists(path):
-                    rows = data.read_jsonl(path, _numbered(key), repair_tail=True)
-                    data.write_jsonl(path, [row for _, row in rows if row[key] < end])
-        files.write_json(os.path.join(out, "train_config.json"), asdict(run.cfg))
-    return metrics
-
-
-def last_state(out_dir):
-    """The state.json of the resume state a --resume would continue from, or None."""
-    try:
-        found = distributed.find_resume(out_dir)
-    except (OSError, ValueError):  # damaged: --resume will say so
-        return None
-    return found and found[1]
-
-
-def kept(out_dir):
-    """What a stopped run leaves to continue from, in words."""
-    state = last_state(out_dir)
-    saved = [name for name in earlier_run(out_dir) if name.startswith("epoch_")]
-    what = (f"the resume state of epoch {state['epoch']} (step {state['step']})" if state
-            else "no resume state (the first is written at the end of epoch 1)")
-    return what + (f" and checkpoints {', '.join(saved)}" if saved else "")
-
-
 def train(cfg):
     check_ranges(cfg)
     if not cfg.init_from:
@@ -591,7 +451,7 @@ def train(cfg):
             def claim():  # rank 0 holds the lock on out_dir until the run ends
                 os.makedirs(cfg.out_dir, exist_ok=True)
                 held.enter_context(files.lock(os.path.join(cfg.out_dir, "train")))
-                claim_out_dir(cfg)
+                rundir.claim_out_dir(cfg)
             distributed.on_rank0(claim)
             run = setup(cfg, device, rank, world_size)
             loop(run)
@@ -607,7 +467,7 @@ def loop(run):
     total_steps = steps_per_epoch * cfg.epochs  # the lr schedule's length
     stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
     supervised = supervised_counts(split)
-    metrics = start_logs(run)
+    metrics = rundir.start_logs(cfg, run.rank, run.step, run.epoch)
     run.model.train()
     with tqdm(total=stop_at, initial=run.step, disable=run.rank != 0, desc="train", dynamic_ncols=True) as bar:
         for epoch in range(run.epoch, cfg.epochs):
@@ -625,7 +485,7 @@ def loop(run):
             if run.step < (epoch + 1) * steps_per_epoch:
                 break  # stopped by --max_steps
             end_of_epoch(run, epoch)
-    saved = [name for name in earlier_run(cfg.out_dir) if name.startswith("epoch_")]
+    saved = [name for name in rundir.earlier_run(cfg.out_dir) if name.startswith("epoch_")]
     log(f"done: {run.step} steps. In {cfg.out_dir}: metrics.jsonl (one line per step), dev.jsonl "
         f"(dev loss per epoch), dev_generations/ (responses to read when picking a checkpoint), "
         f"resume/ (for --resume), checkpoints {', '.join(saved) or 'none'}")
@@ -647,7 +507,7 @@ def one_step(run, epoch, batch, total_steps, supervised):
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm} (loss {loss:.4f})"
         raise SystemExit(
             f"error: the {what} at step {run.step} (epoch {epoch + 1}): the step was not taken "
-            f"and nothing of it was written; kept: {kept(cfg.out_dir)}. Try a lower --lr, "
+            f"and nothing of it was written; kept: {rundir.kept(cfg.out_dir)}. Try a lower --lr, "
             f"--param_dtype float32, or check the data in {cfg.data_dir}.")
     dt = time.perf_counter() - t0
     tokens = int(sum(lengths[i] - 1 for i in batch))
@@ -670,7 +530,7 @@ def end_of_epoch(run, epoch):
         raise SystemExit(
             f"error: after epoch {ep} (step {run.step}), {len(bad)} tensors hold NaN or inf: "
             f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}. Nothing of epoch {ep} was "
-            f"written; kept: {kept(cfg.out_dir)}. Try a lower --lr or --param_dtype float32.")
+            f"written; kept: {rundir.kept(cfg.out_dir)}. Try a lower --lr or --param_dtype float32.")
     loss = dev_loss(run.model, run.dev_split, run.world_size, run.rank, cfg.micro_batch_tokens,
                     run.device, run.tokenizer.bos_id)
     if loss is not None:
@@ -695,21 +555,6 @@ def end_of_epoch(run, epoch):
                             dict(step=run.step, epoch=ep, run=run.identity))
 
 
-def continue_command(argv, resume):
-    """The command line that continues (or restarts) this run: the same flags, with --resume
-    (or --overwrite), under the same launcher."""
-    flags = [a for a in argv if a not in ("--resume", "--no-resume", "--overwrite", "--no-overwrite")]
-    flags.append("--resume" if resume else "--overwrite")
-    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE")
-    if "TORCHELASTIC_RUN_ID" not in os.environ or world == "1":
-        launcher = "python train.py"
-    elif local == world:
-        launcher = f"torchrun --nproc_per_node={local} train.py"
-    else:
-        launcher = "torchrun <the same options, on every node> train.py"
-    return f"{launcher} {shlex.join(flags)}"
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(TrainConfig, argv, presets=PRESETS)
@@ -718,19 +563,22 @@ def main(argv=None):
         train(cfg)
     except KeyboardInterrupt:
         if rank0:
-            resumable = last_state(cfg.out_dir) is not None
-            print(f"\ninterrupted. Kept in {cfg.out_dir}: {kept(cfg.out_dir)}. "
-                  f"{'Continue' if resumable else 'Start again'} with: {continue_command(argv, resumable)}",
+            resumable = rundir.last_state(cfg.out_dir) is not None
+            print(f"\ninterrupted. Kept in {cfg.out_dir}: {rundir.kept(cfg.out_dir)}. "
+                  f"{'Continue' if resumable else 'Start again'} with: {rundir.continue_command(argv, resumable)}",
                   file=sys.stderr)
         sys.exit(130)
+    except files.LockedError as e:  # another run holds out_dir
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except (OSError, distributed.Failed) as e:  # a full or read-only disk: one line, no traceback
         text = files.explain(e) if isinstance(e, OSError) and e.filename else str(e)
-        if last_state(cfg.out_dir) is not None:
-            text += (f". Kept in {cfg.out_dir}: {kept(cfg.out_dir)}; once that is fixed, continue "
-                     f"with: {continue_command(argv, True)}")
+        if rundir.last_state(cfg.out_dir) is not None:
+            text += (f". Kept in {cfg.out_dir}: {rundir.kept(cfg.out_dir)}; once that is fixed, continue "
+                     f"with: {rundir.continue_command(argv, True)}")
         print(f"error: {text}", file=sys.stderr)
         sys.exit(1)
-    except (ValueError, files.LockedError) as e:  # bad input: a clear message, no traceback
+    except ValueError as e:  # bad input: a clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -25,6 +25,7 @@ import distributed
 import files
 import model as M
 import prepare_data
+import rundir
 import train
 from model import IGNORE_INDEX
 from tests.conftest import ROOT, WORDS
@@ -629,9 +630,9 @@ def test_the_continue_command_keeps_the_launcher_and_the_flags(monkeypatch):
     argv = ["--init_from", "llama/7B", "--out_dir", "out/my run", "--overwrite"]
     for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    assert train.continue_command(argv, True) == "python train.py --init_from llama/7B --out_dir 'out/my run' --resume"
+    assert rundir.continue_command(argv, True) == "python train.py --init_from llama/7B --out_dir 'out/my run' --resume"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert train.continue_command(argv, True).startswith("torchrun --nproc_per_node=8 train.py --init_from")
-    assert train.continue_command(argv + ["--resume"], False).endswith("'out/my run' --overwrite")
+    assert rundir.continue_command(argv, True).startswith("torchrun --nproc_per_node=8 train.py --init_from")
+    assert rundir.continue_command(argv + ["--resume"], False).endswith("'out/my run' --overwrite")
