@@ -158,15 +158,23 @@ def _hf_weight_files(path):
 
 # ---- model arguments -------------------------------------------------------------------------
 
-def load_args(path):
-    """ModelArgs from params.json (Meta) or config.json (Hugging Face)."""
+def load_args(path, weights=True):
+    """ModelArgs from params.json (Meta) or config.json (Hugging Face). weights=False reads the
+    configuration alone, for a plan made before the weights are downloaded (train.py
+    --plan_only): a Meta vocabulary of -1 is then taken as LLaMA's 32,000 and the head as untied,
+    which only the weights could tell otherwise."""
     path = os.fspath(path)
+    if not weights:
+        if os.path.isfile(os.path.join(path, "params.json")):
+            return _meta_args(path, weights=False)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return _hf_args(os.path.join(path, "config.json"))
     if detect_layout(path) == "meta":
         return _meta_args(path)
     return _hf_args(os.path.join(path, "config.json"))
 
 
-def _meta_args(path):
+def _meta_args(path, weights=True):
     file = os.path.join(path, "params.json")
     fix = CONFIG_FIX.format(name="params.json")
     p = _read_json(file, fix)
@@ -177,10 +185,10 @@ def _meta_args(path):
                          f"experts or quantized weights); this project fine-tunes text LLaMAs.")
     # read it, never assume it: LLaMA 1 uses 1e-6, 65B and Llama 2 1e-5
     norm_eps = _config_value(p, "norm_eps", file, fix, float)
-    shards = _meta_shards(path)
+    shards = _meta_shards(path) if weights else []
     vocab = p.get("vocab_size", -1)
     if vocab <= 0:  # Meta writes -1 for LLaMA 1 / 2: the vocabulary is the embedding's row count
-        vocab = _meta_vocab(shards[0])
+        vocab = _meta_vocab(shards[0]) if shards else 32000
     scaling, context = None, p.get("max_seq_len", ModelArgs.max_seq_len)
     if p.get("use_scaled_rope"):
         # Llama 3.1+: Meta's reference applies fixed values (factor 8, low 1, high 4, original
@@ -195,7 +203,7 @@ def _meta_args(path):
                      ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=norm_eps,
                      rope_theta=p.get("rope_theta", 10000.0), rope_scaling=scaling,
                      max_seq_len=context)
-    args.tie_embeddings = _meta_tied(shards, args)
+    args.tie_embeddings = _meta_tied(shards, args) if shards else False
     return args
 
 
