@@ -229,3 +229,60 @@ def test_transformers4_gives_our_ids(saved, tmp_path, slow):
     if not slow:  # (loading LlamaTokenizer by name says the folder names another class)
         assert result["warnings"] == []
     check_hf_client(result, saved["tok"], dialogues, strip=slow)
+
+
+def llama_cpp():
+    """(Python command, convert_hf_to_gguf.py) of llama.cpp, or a skip saying what is missing."""
+    convert = os.environ.get("LIMA_LLAMA_CPP_CONVERT")
+    if not convert or not os.path.isfile(convert):
+        pytest.skip("llama.cpp's converter not given: set LIMA_LLAMA_CPP_CONVERT to its "
+                    "convert_hf_to_gguf.py (a llama.cpp checkout, or vendor/llama.cpp in "
+                    "llama-cpp-python's source package: pip download llama-cpp-python --no-binary :all:)")
+    python = os.environ.get("LIMA_LLAMA_CPP_PYTHON", sys.executable)
+    probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{python} cannot import llama_cpp (llama.cpp's runtime): pip install "
+                    f"llama-cpp-python, or set LIMA_LLAMA_CPP_PYTHON to a Python that has it")
+    return [python], convert
+
+
+def to_gguf(python, convert, checkpoint_dir, out):
+    """llama.cpp's converter, as its README says to run it (full precision: f32)."""
+    run_client(python, [convert, str(checkpoint_dir), "--outfile", str(out), "--outtype", "f32"])
+    return out
+
+
+def test_llama_cpp_gguf_has_the_template_and_stops_at_eot(saved, tmp_path):
+    """The GGUF carries the chat template and marks EOT as an end of generation; its chat
+    completions tokenize every demo dialogue as encode_dialog does, greedy decoding equals
+    ours, and a model whose next token is EOT stops there."""
+    python, convert = llama_cpp()
+    env_gguf = os.path.join(os.path.dirname(os.path.abspath(convert)), "gguf-py")
+    env = {"PYTHONPATH": env_gguf} if os.path.isdir(env_gguf) else {}  # the converter's own gguf
+    tok, model = saved["tok"], saved["model"]
+    dialogues = demo_dialogues()
+    prompts = [tok.encode_dialog(turns)[0] for turns in dialogues[1:12:2]]
+    (tmp_path / "dialogues.json").write_text(json.dumps(dialogues))
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    client = [os.path.join(ROOT, "tests", "llama_cpp_client.py")]
+
+    gguf = to_gguf(python, convert, saved["path"], tmp_path / "model.gguf")
+    result = json.loads(run_client(python, client + [str(gguf), str(tmp_path / "dialogues.json"),
+                                                     str(tmp_path / "prompts.json")], env))
+    assert result["chat_template"] == CHAT_TEMPLATE
+    assert (result["bos"], result["eos"], result["eot"]) == (tok.bos_id, tok.eos_id, tok.eot_id)
+    assert result["eot_text"] == EOT_NAME and result["eot_type"] == 3  # CONTROL: never text
+    assert tok.eot_id in result["eog"] and tok.eos_id in result["eog"]
+    for turns, ids in zip(dialogues, result["chat_ids"]):
+        assert ids == tok.encode_dialog(turns)[0], turns
+    ours = generate.generate(model, prompts, stop_ids=[tok.eot_id], temperature=0,
+                             repetition_penalty=1.0, max_new_tokens=10)
+    assert result["greedy"] == ours
+
+    stopper = stopping_model(model, tok.encode_dialog(dialogues[0][:1])[0], tok.eot_id)
+    checkpoint.save_model(stopper, tmp_path / "stopper", tokenizer_path=tok.path,
+                          extra={"eot_id": tok.eot_id})
+    gguf = to_gguf(python, convert, tmp_path / "stopper", tmp_path / "stopper.gguf")
+    result = json.loads(run_client(python, client + [str(gguf), str(tmp_path / "dialogues.json"),
+                                                     str(tmp_path / "prompts.json")], env))
+    assert (result["finish_reason"], result["completion_tokens"]) == ("stop", 0)
