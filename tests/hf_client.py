@@ -1,4 +1,4 @@
-"""What a transformers user gets from a saved checkpoint's tokenizer, printed as JSON. Run by
+"""What a transformers user gets from a saved checkpoint (its tokenizer above all), as JSON. Run by
 tests/test_interop.py in a subprocess, under the transformers being checked (4 or 5), so that
 nothing of this project is imported here:
 
@@ -26,6 +26,8 @@ def main():
         warnings.simplefilter("always")
         cls = transformers.LlamaTokenizer if "--slow" in sys.argv else transformers.AutoTokenizer
         tok = cls.from_pretrained(checkpoint)
+        generation = transformers.GenerationConfig.from_pretrained(checkpoint)
+        transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
 
     with open(dialogues_file) as f:
         dialogues = json.load(f)
@@ -45,7 +47,8 @@ def main():
         "warnings": [str(w.message) for w in caught] + logged,
         "chat_ids": chats, "eot_id": tok.convert_tokens_to_ids("<|eot_id|>"),
         "decoded": [tok.decode(ids, skip_special_tokens=True) for ids in chats],
-        "plain_ids": tok("hello world")["input_ids"], "system_refused": system}))
+        "plain_ids": tok("hello world")["input_ids"], "system_refused": system,
+        "generation": generation.to_diff_dict()}))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ transformers = pytest.importorskip("transformers")  # dev dependency: the client
 DEMO = os.path.join(ROOT, "demo", "train.jsonl")
 CLIENT = os.path.join(ROOT, "tests", "hf_client.py")
 # utterances that test SentencePiece's leading space and its byte fallback beyond the demo's text
+# what transformers 5 would need to read tokenizer.model instead of tokenizer.json
+HIDDEN = {"google", "protobuf", "sentencepiece", "tiktoken", "tiktoken_ext"}
 EDGES = [[" leading space", "two  spaces ", "\n"], ["tab\tand\nnewline", "é, 中文 and 😀"],
          ["ends with a space ", "  "]]
 
@@ -85,6 +87,9 @@ def check_hf_client(result, tok, dialogues, strip=False):
     assert result["eot_id"] == tok.eot_id
     assert result["plain_ids"] == [tok.bos_id] + tok.encode("hello world")
     assert "no system prompt" in result["system_refused"]
+    generation = result["generation"]  # read as written: the paper's decoding, stop at EOT
+    assert generation["eos_token_id"] == [tok.eos_id, tok.eot_id] and generation["max_length"] == 2048
+    assert (generation["temperature"], generation["top_p"], generation["top_k"]) == (0.7, 0.9, 0)
 
 
 def python_without(tmp_path, hidden):
@@ -198,7 +203,7 @@ def test_transformers5_reads_the_tokenizer_with_tokenizer_json_alone(saved, tmp_
     and apply_chat_template gives encode_dialog's ids on every demo dialogue."""
     dialogues = demo_dialogues()
     (tmp_path / "dialogues.json").write_text(json.dumps(dialogues))
-    python = python_without(tmp_path, {"google", "protobuf", "sentencepiece", "tiktoken", "tiktoken_ext"})
+    python = python_without(tmp_path, HIDDEN)
     (tmp_path / "probe.py").write_text("import transformers, tokenizers, torch\nimport sentencepiece\n")
     probe = subprocess.run([*python, str(tmp_path / "probe.py")], capture_output=True, text=True)
     assert "No module named 'sentencepiece'" in probe.stderr, probe.stderr  # the hiding works
@@ -229,6 +234,51 @@ def test_transformers4_gives_our_ids(saved, tmp_path, slow):
     if not slow:  # (loading LlamaTokenizer by name says the folder names another class)
         assert result["warnings"] == []
     check_hf_client(result, saved["tok"], dialogues, strip=slow)
+
+
+@pytest.fixture(scope="module")
+def llama3_saved(tmp_path_factory, llama3_tokenizer_files):
+    """A tiny model on the Llama 3 tokenizer of conftest, saved from Meta's tiktoken file and
+    from the Hugging Face tokenizer.json, as a chat checkpoint (EOT: its own <|eot_id|>)."""
+    d = tmp_path_factory.mktemp("llama3_interop")
+    out = {}
+    for kind, path in llama3_tokenizer_files.items():
+        tok = load_tokenizer(path)
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=tok.vocab_size,
+                                      multiple_of=16, max_seq_len=256))
+        checkpoint.save_model(model, d / kind, tokenizer_path=path, extra={"eot_id": tok.eot_id})
+        out[kind] = (d / kind, tok)
+    return out
+
+
+def test_tiktoken_file_becomes_the_tokenizer_json_transformers_makes(llama3_tokenizer_files, llama3_saved):
+    """Meta's Llama 3 tokenizer.model -> tokenizer.json: the vocabulary and merges that
+    transformers' own TikTokenConverter makes of it (conftest), and the same ids as tiktoken."""
+    tokenizers = pytest.importorskip("tokenizers")
+    path, tok = llama3_saved["tiktoken"]
+    ours = json.loads((path / "tokenizer.json").read_text())
+    theirs = json.loads(open(llama3_tokenizer_files["json"]).read())
+    assert ours["model"]["vocab"] == theirs["model"]["vocab"]
+    assert ours["model"]["merges"] == [list(m) for m in theirs["model"]["merges"]]
+    assert ours["pre_tokenizer"] == theirs["pre_tokenizer"] and ours["decoder"] == theirs["decoder"]
+    hf = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    for text in [t for turns in demo_dialogues() for t in turns]:
+        assert hf.encode(text, add_special_tokens=False).ids == tok.encode(text), text
+    assert (path / "tokenizer.model").read_bytes() == open(tok.path, "rb").read()  # its identity
+
+
+@pytest.mark.parametrize("version", [5, 4])
+@pytest.mark.parametrize("kind", ["tiktoken", "json"])
+def test_llama3_chat_template_in_transformers(llama3_saved, tmp_path, kind, version):
+    """Llama 3 bases: the base's own special tokens, LIMA's template (not the base's), our ids."""
+    path, tok = llama3_saved[kind]
+    python = transformers4() if version == 4 else python_without(tmp_path, HIDDEN)
+    dialogues = demo_dialogues()
+    (tmp_path / "dialogues.json").write_text(json.dumps(dialogues))
+    result = json.loads(run_client(python, [CLIENT, str(path), str(tmp_path / "dialogues.json")]))
+    assert result["version"].startswith(f"{version}.") and result["warnings"] == []
+    check_hf_client(result, tok, dialogues)
 
 
 def llama_cpp():
