@@ -40,7 +40,7 @@ import files
 from generate import Decoding
 from model import ModelArgs, RopeScaling, Transformer
 from tokenizer import (CHAT_TEMPLATE, EOT_NAME, HFTokenizer, SentencePieceTokenizer,
-                       TiktokenTokenizer, find_tokenizer_file, load_tokenizer)
+                       find_tokenizer_file, load_tokenizer)
 
 META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -748,9 +748,11 @@ no system prompt; the end-of-turn token EOT is `{EOT_NAME}` (id {eot_id}). The c
 converter) writes it, and `generation_config.json` stops generation at EOT.
 
 **Decoding** (LIMA §5): temperature {d.temperature}, top-p {d.top_p}, repetition penalty
-{d.repetition_penalty}, at most {d.max_seq_len} tokens of prompt and response, stop at EOT;
-`generation_config.json` holds these defaults. One difference remains: the repetition penalty
-of transformers, vLLM and llama.cpp also penalises the prompt's tokens, while the paper's
+{d.repetition_penalty}, at most {d.max_seq_len} tokens of prompt and response, stop at EOT.
+`generation_config.json` holds these as the defaults of transformers' `generate` and of vLLM;
+llama.cpp reads none of them, so give them as flags: `--temp {d.temperature} --top-p {d.top_p}
+--top-k 0 --min-p 0 --repeat-penalty {d.repetition_penalty} --repeat-last-n -1`. One difference
+remains: their repetition penalty also penalises the prompt's tokens, while the paper's
 penalises only the tokens generated so far. lima's `sample.py` decodes as the paper does
 (`--penalize_prompt` gives their behaviour).
 """
