@@ -5,11 +5,10 @@ and its chat handling) and gguf, so that nothing of this project is imported her
     python tests/llama_cpp_client.py MODEL.gguf DIALOGUES.json PROMPTS.json
 
 DIALOGUES.json: dialogues (lists of utterances) to put through the GGUF's chat template and
-tokenize as llama-cpp-python's create_chat_completion does; PROMPTS.json: token-id prompts to
-continue greedily for 10 tokens.
+tokenize as llama-cpp-python's create_chat_completion does; PROMPTS.json: token-id prompts
+whose logits (every position) to report.
 """
 
-import itertools
 import json
 import sys
 
@@ -27,7 +26,9 @@ def main():
         return None if f is None else f.contents()
 
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
-    llm = llama_cpp.Llama(path, n_ctx=0, verbose=False)
+    # an f32 KV cache (its default is f16), so that the logits compare at float32 precision
+    llm = llama_cpp.Llama(path, n_ctx=0, logits_all=True, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
     vocab = llm._model.vocab
     bos, eos, eot = llm.token_bos(), llm.token_eos(), llm._model.token_eot()
 
@@ -47,10 +48,11 @@ def main():
 
     with open(prompts_file) as f:
         prompts = json.load(f)
-    greedy = []
+    logits = []
     for prompt in prompts:
-        ids = list(itertools.islice(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0), 10))
-        greedy.append(ids[:ids.index(eot)] if eot in ids else ids)
+        llm.reset()
+        llm.eval(prompt)
+        logits.append(llm.scores[:len(prompt)].tolist())  # (positions, vocabulary)
 
     completion = llm.create_chat_completion(messages=[{"role": "user", "content": dialogues[0][0]}],
                                             max_tokens=8, temperature=0.0)
@@ -58,7 +60,7 @@ def main():
         "chat_template": template, "bos": bos, "eos": eos, "eot": eot,
         "eot_text": tokens[eot] if eot >= 0 else None, "eot_type": int(types[eot]) if eot >= 0 else None,
         "eog": [i for i in range(len(tokens)) if llama_cpp.llama_vocab_is_eog(vocab, i)],
-        "chat_ids": chats, "greedy": greedy,
+        "chat_ids": chats, "logits": logits,
         "finish_reason": completion["choices"][0]["finish_reason"],
         "completion_tokens": completion["usage"]["completion_tokens"]}))
 
