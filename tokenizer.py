@@ -330,8 +330,10 @@ CHAT_TEMPLATE = (
     "with the user, and no system prompt.') }}{% endif %}"
     "{{ message['content'] }}" + EOT_NAME + "{% endfor %}")
 
-SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL = 1, 2, 3  # SentencePiece's piece types (5: unused, 6: byte)
-SPM_BPE = 2                                     # its TrainerSpec.model_type
+# SentencePiece's piece types (4, user-defined, and 5, unused, are not in LLaMA's), and BPE's
+# number in its TrainerSpec.model_type
+SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_BYTE = 1, 2, 3, 6
+SPM_BPE = 2
 
 
 def _protobuf_fields(buf):
@@ -419,7 +421,7 @@ def sentencepiece_to_hf(path, eot_id=None):
     pieces, s = read_sentencepiece_model(path)
     kinds = {kind for _, _, kind in pieces}
     if (s["model_type"] != SPM_BPE or s["treat_whitespace_as_suffix"]
-            or not kinds <= {SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, 6}):
+            or not kinds <= {SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_BYTE}):
         return None
     vocab = {text: i for i, (text, _, _) in enumerate(pieces)}
     normal = {text for text, _, kind in pieces if kind == SPM_NORMAL}
@@ -460,7 +462,7 @@ def sentencepiece_to_hf(path, eot_id=None):
             "post_processor": _bos_template(pieces[bos][0], bos),
             "decoder": {"type": "Sequence", "decoders": decoders},
             "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": 6 in kinds,
+                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": SPM_BYTE in kinds,
                       "ignore_merges": False, "vocab": vocab, "merges": [[a, b] for *_, a, b in merges]}}
 
 

@@ -30,7 +30,7 @@ import prepare_data
 from model import ModelArgs, Transformer
 from tests.conftest import ROOT
 from tests.test_checkpoint import scale_up
-from tokenizer import CHAT_TEMPLATE, EOT_NAME, SentencePieceTokenizer, load_tokenizer
+from tokenizer import CHAT_TEMPLATE, EOT_NAME, SentencePieceTokenizer, load_tokenizer, sentencepiece_to_hf
 
 transformers = pytest.importorskip("transformers")  # dev dependency: the client under test
 DEMO = os.path.join(ROOT, "demo", "train.jsonl")
@@ -139,6 +139,35 @@ def test_tokenizer_json_gives_sentencepieces_ids(saved):
     for text in texts:
         assert hf.encode(text, add_special_tokens=False).ids == tok.encode(text), text
     assert hf.token_to_id(EOT_NAME) == tok.eot_id and hf.get_vocab_size() == tok.vocab_size
+
+
+@pytest.mark.parametrize("options, exact", [
+    (dict(model_type="bpe"), True),
+    (dict(model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False), True),
+    (dict(model_type="bpe", add_dummy_prefix=False), True),
+    (dict(model_type="unigram"), False),  # not LLaMA's kind: no tokenizer.json
+    (dict(model_type="bpe", treat_whitespace_as_suffix=True), False),
+    (dict(model_type="bpe", user_defined_symbols=["<x>"]), False)])
+def test_sentencepiece_settings_are_read_from_the_file(tmp_path, options, exact):
+    """The .model's settings, read without protobuf, decide the tokenizer.json; a model it
+    cannot express exactly gets none (transformers then converts tokenizer.model itself)."""
+    import random
+    import sentencepiece as spm
+    tokenizers = pytest.importorskip("tokenizers")
+    from tests.conftest import WORDS
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15))) for _ in range(500)]
+    spm.SentencePieceTrainer.Train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "t"),
+                                   vocab_size=330, hard_vocab_limit=False, minloglevel=2,
+                                   byte_fallback=True, **options)
+    path = str(tmp_path / "t.model")
+    made = sentencepiece_to_hf(path)
+    assert (made is not None) == exact
+    if exact:
+        hf = tokenizers.Tokenizer.from_str(json.dumps(made))
+        sp = spm.SentencePieceProcessor(model_file=path)
+        for text in lines[:100] + ["  two  spaces ", "\ttab", "é中😀", ""]:
+            assert hf.encode(text, add_special_tokens=False).ids == sp.encode(text), text
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
