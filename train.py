@@ -54,6 +54,7 @@ import distributed
 import files
 import rundir
 import optim
+import report
 from config import check_ranges, parse_config
 from distributed import log
 from generate import Decoding, encode_prompt, respond
@@ -77,7 +78,7 @@ class TrainConfig:
         "help": "model preset for --init_from scratch", "choices": sorted(MODEL_PRESETS)})
     data_dir: str = field(default="data/lima", metadata={"help": "output of prepare_data.py"})
     out_dir: str = field(default="out/lima", metadata={
-        "help": "checkpoints, resume state, metrics.jsonl, dev generations"})
+        "help": "checkpoints, resume state, metrics.jsonl, training_curves.png, dev generations"})
     # LIMA §3: "15 epochs using AdamW with β1 = 0.9, β2 = 0.95, and weight decay of 0.1.
     # Without warmup steps, we set the initial learning rate to 1e-5 and linearly decaying to
     # 1e-6 by the end of training. The batch size is set to 32 examples (64 for smaller
@@ -557,9 +558,12 @@ def loop(run):
                 break  # stopped by --max_steps
             end_of_epoch(run, epoch)
     saved = [name for name in rundir.earlier_run(cfg.out_dir) if name.startswith("epoch_")]
+    curves = (f"{report.TRAINING_CURVES} (the curves as a picture), " if os.path.exists(
+        os.path.join(cfg.out_dir, report.TRAINING_CURVES)) else "no training_curves.png (it needs "
+        "matplotlib), " if report.pyplot() is None else "")
     log(f"done: {run.step} steps. In {cfg.out_dir}: metrics.jsonl (one line per step), dev.jsonl "
-        f"(dev loss per epoch), dev_generations/ (responses to read when picking a checkpoint), "
-        f"resume/ (for --resume), checkpoints {', '.join(saved) or 'none'}")
+        f"(dev loss per epoch), {curves}dev_generations/ (responses to read when picking a "
+        f"checkpoint), resume/ (for --resume), checkpoints {', '.join(saved) or 'none'}")
 
 
 def one_step(run, epoch, batch, total_steps, supervised):
@@ -609,6 +613,8 @@ def end_of_epoch(run, epoch):
         if run.rank == 0:
             with open(os.path.join(cfg.out_dir, "dev.jsonl"), "a") as f:
                 f.write(json.dumps({"epoch": ep, "step": run.step, "dev_loss": loss}) + "\n")
+    if run.rank == 0:  # the curves so far as a picture (needs matplotlib, which is optional)
+        report.training_curves(cfg.out_dir)
     keep = ep in cfg.save_epochs or ep == cfg.epochs
     # a saved epoch's dev answers come from its checkpoint once training is over
     # (answer_saved_epochs); --generate_every_epoch answers the others here, through the

@@ -25,6 +25,7 @@ import distributed
 import files
 import model as M
 import prepare_data
+import report
 import rundir
 import train
 from model import IGNORE_INDEX
@@ -123,6 +124,40 @@ def test_lr_schedule_and_metrics(reference):
     assert np.allclose(np.diff(lrs), np.diff(lrs)[0])  # linear, no warmup
     assert losses(reference)[-1] < losses(reference)[0]
     assert all(np.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0 for r in reference)
+
+
+def test_training_curves_are_drawn_each_epoch(setup, reference):
+    png = setup / "ref" / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_curves_plot_the_logged_numbers(tmp_path, monkeypatch):
+    """What is drawn is metrics.jsonl and dev.jsonl: the loss and learning rate of each step,
+    the dev loss of each epoch (the last line of an epoch a resumed run repeated), a torn last
+    line ignored; without matplotlib, no picture and no error."""
+    pytest.importorskip("matplotlib")
+    steps = [dict(step=i, epoch=i // 3 + 1, loss=3.0 - 0.1 * i, lr=1e-5 - 1e-6 * i) for i in range(6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps) + '{"step": 6, "lo')
+    dev = [dict(epoch=1, step=3, dev_loss=2.5), dict(epoch=1, step=3, dev_loss=2.4), dict(epoch=2, step=6, dev_loss=2.6)]
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
+    plt = report.pyplot()
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert report.training_curves(str(tmp_path)) == str(tmp_path / "training_curves.png")
+    top, bottom = figures[0].axes
+    per_step, per_epoch, dev_line = [line for line in top.get_lines() if line.get_label()[0] != "_"]
+    assert list(per_step.get_ydata()) == [r["loss"] for r in steps]
+    assert list(per_epoch.get_xdata()) == [2, 5] and np.allclose(per_epoch.get_ydata(), [2.9, 2.6])
+    assert list(dev_line.get_xdata()) == [2, 5] and list(dev_line.get_ydata()) == [2.4, 2.6]
+    lr, = [line for line in bottom.get_lines() if line.get_label()[0] != "_"]
+    assert list(lr.get_ydata()) == [r["lr"] for r in steps]
+    assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    (tmp_path / "training_curves.png").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    assert report.pyplot() is None and report.training_curves(str(tmp_path)) is None
+    assert not (tmp_path / "training_curves.png").exists()
+    assert report.training_curves(str(tmp_path / "nothing yet")) is None
 
 
 def test_paper_defaults():
