@@ -4,6 +4,7 @@
     python sample.py --checkpoint out/lima-65b/epoch_07 --prompt_file data/lima/test_prompts.jsonl --out gens.jsonl
     python sample.py --checkpoint out/lima-65b/epoch_07 --interactive
     python sample.py --checkpoint llama-7b --raw --prompt "The capital of France is"
+    python sample.py --checkpoint out/demo/epoch_15 --prompt_file data/demo/test_prompts.jsonl --base demo/base
     python sample.py --checkpoint llama-65b --device cuda:0,cuda:1 --prompt ...   # layers split
 
 The paper's decoding (generate.py): repetition penalty 1.2 on the tokens generated so far,
@@ -18,7 +19,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -48,6 +49,7 @@ class SampleConfig(Decoding):  # the decoding flags and their defaults come from
     device: str = field(default="auto", metadata={"help": "auto (cuda if any; all visible GPUs, layers split, when the model does not fit one), cpu, cuda:1, or a list cuda:0,cuda:1"})
     dtype: str = field(default="auto", metadata={"help": f"auto (bfloat16 on GPU, float32 on CPU), {', '.join(config.DTYPES)}"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decode step"})
+    base: Optional[str] = field(default=None, metadata={"help": "the base model it was fine-tuned from: under each answer (--prompt_file without --out), the base's plain continuation (--raw) of the same prompt"})
 
 
 def log(*args):
@@ -187,6 +189,15 @@ def load(cfg):
     return model, tokenizer
 
 
+def base_continuations(cfg, records, gen):
+    """What the base model does with each prompt before any fine-tuning: plain completion of
+    the prompt's text (a conversation shown with its roles, data.render_prompt)."""
+    base, base_tokenizer = load(replace(cfg, checkpoint=cfg.base, tokenizer=None))
+    texts = [[data.render_prompt(r["turns"])] for r in records]
+    check_lengths(base, base_tokenizer, [{"turns": t} for t in texts], range(len(texts)), True, cfg.max_seq_len)
+    return respond(base, base_tokenizer, texts, raw=True, batch_size=cfg.batch_size, **gen)
+
+
 def interactive(model, tokenizer, cfg, gen):
     """Talk to the model. Each exchange is appended in the training format, so turn n sees
     BOS u1 EOT a1 EOT .. u_n EOT (LIMA §3); the oldest exchanges drop out when the
@@ -232,6 +243,9 @@ def run(cfg):
     if cfg.out and cfg.prompt_file is None:
         raise PromptError("--out goes with --prompt_file; --prompt and --interactive print the "
                           "response to stdout")
+    if cfg.base and (cfg.prompt_file is None or cfg.out):
+        raise PromptError("--base goes with --prompt_file and no --out: it prints each answer "
+                          "above the base model's continuation of the same prompt")
     records = data.read_prompts(cfg.prompt_file) if cfg.prompt_file else None
     model, tokenizer = load(cfg)
     if not cfg.raw:
@@ -245,8 +259,11 @@ def run(cfg):
         check_lengths(model, tokenizer, records, range(len(records)), cfg.raw, cfg.max_seq_len)
         responses = respond(model, tokenizer, [r["turns"] for r in records], raw=cfg.raw,
                             batch_size=cfg.batch_size, **gen)
-        for r, response in zip(records, responses):
+        continuations = base_continuations(cfg, records, gen) if cfg.base else None
+        for i, (r, response) in enumerate(zip(records, responses)):
             print(f"### {r['turns'][-1]}\n{response}\n", flush=True)
+            if continuations is not None:
+                print(f"--- the base model, continuing the same text:\n{continuations[i]}\n", flush=True)
     elif records is not None:
         settings = dict(decoding, raw=cfg.raw, seed=seed, checkpoint=os.path.abspath(cfg.checkpoint))
         n = generate_file(model, tokenizer, records, cfg.out, settings, batch_size=cfg.batch_size,
