@@ -20,7 +20,9 @@ Reproducible: the corpus and the tokenizer come out byte for byte the same, and 
 seeded and runs on one thread (--threads 1, how demo/base was made), so on the same kind of CPU
 the weights come out bit for bit the same. Another CPU (other vector instructions) or more
 threads add the matrix products' terms in another order: the weights then differ in their last
-bits, and the fine-tunes' numbers by a little.
+bits, and the fine-tunes' numbers by a little. Checked 2026-11-30: a second run (into other
+directories) wrote the same model.safetensors and tokenizer.model, sha256 83317fad... and
+c57378d1...; only lima.json differs, in the directories it records.
 """
 
 import io
