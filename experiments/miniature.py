@@ -58,6 +58,7 @@ import train  # noqa: E402
 from config import parse_config  # noqa: E402
 from demo import world as W  # noqa: E402
 from generate import Decoding, encode_prompt, generate, stop_ids  # noqa: E402
+from model import IGNORE_INDEX  # noqa: E402
 
 
 @dataclass
@@ -212,13 +213,30 @@ def summarize(graded, seed=0):
         "prompts": len(graded), "answers": int(sum(len(g) for g in graded))}
 
 
-def evaluate_chat(cfg, world, run_dir, epoch, items, n, seed):
+def evaluate_chat(cfg, world, run_dir, epoch, items, n, seed, with_loss=False):
+    """A fine-tuned checkpoint's graded answers to items (and, with_loss, its loss on their
+    reference answers)."""
     path = os.path.join(run_dir, f"epoch_{epoch:02d}")
     model, tokenizer = checkpoint.load_model_and_tokenizer(path)
     model.eval()
     prompts = [encode_prompt(tokenizer, [it.prompt]) for it in items]
     answers = sample(model, tokenizer, prompts, n, seed, cfg.max_new_tokens)
-    return grade_all(world, items, answers), answers
+    graded = grade_all(world, items, answers)
+    return (graded, answers, reference_loss(model, tokenizer, items)) if with_loss else (graded, answers)
+
+
+@torch.no_grad()
+def reference_loss(model, tokenizer, items):
+    """Mean loss on the reference answers of items (answer tokens and their EOT, as train.py's
+    dev loss counts them): the held-out data's perplexity, as LIMA §3 measures it."""
+    total = count = 0.0
+    for it in items:
+        tokens, mask = tokenizer.encode_dialog([it.prompt, it.answer])
+        x = torch.tensor(tokens)[None]
+        y = torch.where(torch.tensor(mask[1:]), x[0, 1:], IGNORE_INDEX)[None]
+        _, loss = model(x[:, :-1], y, reduction="sum")
+        total, count = total + loss.item(), count + int(sum(mask[1:]))
+    return total / count
 
 
 # ---- the three findings --------------------------------------------------------------------------
@@ -274,8 +292,10 @@ def finding_perplexity(cfg, world, curated_run):
     losses = dev_losses(curated_run)
     rows = {}
     for epoch in range(1, cfg.epochs + 1):
-        graded, _ = evaluate_chat(cfg, world, curated_run, epoch, items, cfg.epoch_samples, cfg.seed + 100 + epoch)
-        rows[epoch] = summarize(graded) | {"dev_loss": losses[epoch], "dev_perplexity": math.exp(losses[epoch])}
+        graded, _, held = evaluate_chat(cfg, world, curated_run, epoch, items, cfg.epoch_samples,
+                                        cfg.seed + 100 + epoch, with_loss=True)
+        rows[epoch] = summarize(graded) | {"dev_loss": losses[epoch], "dev_perplexity": math.exp(losses[epoch]),
+                                           "held_out_perplexity": math.exp(held)}
     return rows
 
 
@@ -340,13 +360,15 @@ def markdown(cfg, results, seconds, command):
     for name, r in q.items():
         lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(f"{r['by_task'].get(t, float('nan')):.2f}" for t in W.TASK_MIX) + " |")
     lines += ["", "## 3. Perplexity is not quality (LIMA §3, Figure 9)", "",
-              f"The curated run after each epoch: the dev set's perplexity (50 curated-style examples, "
-              f"the loss on the answers) and the helpfulness of {cfg.epoch_samples} answers to each held-out prompt.", "",
-              "| epoch | dev loss | dev perplexity | helpfulness, 0-2 | correct, % | on format, % |",
+              f"The curated run after each epoch: perplexity (of the answer tokens and their EOT) on the "
+              f"dev set (50 more curated examples about the train half) and on the reference answers of "
+              f"the held-out prompts (the held-out half: LIMA §3 measured held-out Stack Exchange data), "
+              f"and the helpfulness of {cfg.epoch_samples} answers to each held-out prompt.", "",
+              "| epoch | dev perplexity | held-out perplexity | helpfulness, 0-2 | correct, % | on format, % |",
               "|---|---|---|---|---|---|"]
     for epoch, r in p.items():
-        lines.append(f"| {epoch} | {r['dev_loss']:.3f} | {r['dev_perplexity']:.3f} | {ci(r['helpfulness'], 1, 2)} | "
-                     f"{ci(r['correct'])} | {ci(r['format'])} |")
+        lines.append(f"| {epoch} | {r['dev_perplexity']:.3f} | {r['held_out_perplexity']:.3f} | "
+                     f"{ci(r['helpfulness'], 1, 2)} | {ci(r['correct'])} | {ci(r['format'])} |")
     lines += ["", "Examples (first sample):", ""]
     for name, r in q.items():
         for prompt, answer in r["examples"][:3]:
@@ -393,9 +415,12 @@ def picture(path, results):
     ax.legend(fontsize=8)
     ax = axes[2]
     epochs = sorted(p)
-    ax.plot(epochs, [p[e]["dev_perplexity"] for e in epochs], "o-", color="#dd8452")
+    ax.plot(epochs, [p[e]["dev_perplexity"] for e in epochs], "o-", color="#dd8452", label="dev (train half)")
+    ax.plot(epochs, [p[e]["held_out_perplexity"] for e in epochs], "^--", color="#c44e52", label="held-out answers")
+    ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("dev perplexity", color="#dd8452")
+    ax.set_ylabel("perplexity (log scale)", color="#dd8452")
+    ax.legend(fontsize=8, loc="upper center")
     ax2 = ax.twinx()
     ms = np.array([p[e]["helpfulness"]["mean"] for e in epochs])
     err = np.abs(np.array([p[e]["helpfulness"]["ci"] for e in epochs]).T - ms)
