@@ -167,7 +167,11 @@ def test_prepare_data_demo_uses_the_base_tokenizer(tmp_path, capsys):
     assert meta["tokenizer"] == os.path.abspath(os.path.join(BASE, "tokenizer.model"))
     assert meta["tokenizer_sha256"] == tok.sha256() and meta["eot_id"] == tok.eot_id == pretrain.VOCAB_SIZE
     tr, dev = data.load_split(tmp_path / "demo", "train"), data.load_split(tmp_path / "demo", "dev")
-    assert (len(tr), len(dev)) == (1030, 50)  # the dev set is demo/dev.jsonl, not carved from train
+    # the 1,000 single-turn examples (whether the 30 multi_turn rows are in is prepare_data's
+    # default to decide) and the 50 of demo/dev.jsonl, not carved from train
+    sources = meta["splits"]["train"]["sources"]
+    assert sum(n for k, n in sources.items() if k != "multi_turn") == 1000 and len(dev) == 50
+    assert len(tr) == 1000 + sources.get("multi_turn", 0)
     assert meta["splits"]["train"]["len_max"] < 128
     tokens, mask = tr.example(0)
     assert tokens[0] == tok.bos_id and tokens[-1] == tok.eot_id and mask[-1]
