@@ -273,6 +273,37 @@ def read_conversations(path):
     return [dict(turns=turns, source=source, line=n) for n, (turns, source) in rows]
 
 
+DIALOGUE_SOURCE = "multi_turn"  # GAIR/lima's "source" of its 30 dialogue chains (LIMA §6)
+
+
+def select_sources(conversations, sources=None, dialogues=False, where="the training file"):
+    """The rows to train on, chosen by GAIR/lima's "source" field -> (rows, {source: rows left out}).
+
+    - By default every source but multi_turn: LIMA's 1,000 examples (LIMA §2). GAIR/lima's
+      train.jsonl also holds the 30 multi_turn dialogue chains that the paper added only for its
+      separate dialogue model (LIMA §6: 1,030 examples, fine-tuned from the base model).
+    - dialogues: the multi_turn rows too (that dialogue model).
+    - sources: only rows of these sources, e.g. ["stackexchange"] for the ablations of LIMA §5;
+      multi_turn among them, or dialogues, adds the dialogue chains. A source the file does not
+      have is an error that lists the ones it has."""
+    counts = Counter(c["source"] for c in conversations)
+    if sources:
+        unknown = [s for s in sources if s not in counts]
+        if unknown:
+            have = ", ".join(f"{k} ({v:,} rows)" for k, v in sorted(counts.items()))
+            raise DataError(f"{where}: no rows with source {', '.join(map(repr, unknown))}; its "
+                            f"sources are: {have}")
+        keep = set(sources) | ({DIALOGUE_SOURCE} if dialogues else set())
+    else:
+        keep = set(counts) - (set() if dialogues else {DIALOGUE_SOURCE})
+    kept = [c for c in conversations if c["source"] in keep]
+    left_out = dict(sorted(Counter(c["source"] for c in conversations if c["source"] not in keep).items()))
+    if not kept:
+        raise DataError(f"{where}: every row is a {DIALOGUE_SOURCE} dialogue chain, left out by default "
+                        f"(LIMA trains on the single-turn rows); pass --dialogues to train on them")
+    return kept, left_out
+
+
 def answered(conversations):
     """Training needs every user turn answered: a conversation of odd length loses its trailing
     user turn, flagged `dropped`; one that was a lone prompt disappears entirely.
@@ -291,21 +322,30 @@ def answered(conversations):
 def asked(example):
     """What an answered example asks: every turn before its last answer, whitespace aside. Two
     examples that ask the same are one prompt, for keeping dev prompts out of training."""
-    return tuple(" ".join(t.split()) for t in example["turns"][:-1])
+    return asking(example["turns"][:-1])
+
+
+def asking(turns):
+    """A prompt's turns (ending on a user turn), whitespace aside: what `asked` compares."""
+    return tuple(" ".join(t.split()) for t in turns)
 
 
 def carve_dev(examples, dev_size, seed):
-    """The paper's 50-example dev set (LIMA §2) is not public: hold dev_size examples out of
-    train, drawn by a seeded sample, so a seed always gives the same split. Drawn among the
-    examples whose prompt appears once, so no dev prompt is also trained on (in a file without
-    repeated prompts: all of them). Both halves keep file order."""
+    """The paper's 50-example dev set (LIMA §2) was written apart from its 1,000 training
+    examples and is not public; without a dev file, hold dev_size examples out of train, drawn by
+    a seeded sample, so a seed always gives the same split. Drawn among the examples whose prompt
+    appears once, so no dev prompt is also trained on (in a file without repeated prompts: all of
+    them). At most half the examples: a dev set that takes most of the training set leaves
+    nothing worth measuring. Both halves keep file order."""
     counts = Counter(asked(ex) for ex in examples)
     once = [i for i, ex in enumerate(examples) if counts[asked(ex)] == 1]
-    if dev_size < 0 or dev_size > len(once) or dev_size >= len(examples):
-        raise DataError(f"--dev_size {dev_size} must be in [0, {min(len(once), len(examples) - 1)}]: "
-                        f"the training file has {len(examples)} answered conversations, "
-                        f"{len(once)} with a prompt that appears once (dev examples are drawn from "
-                        f"those, and one example at least must stay for training)")
+    most = min(len(once), len(examples) // 2)
+    if dev_size < 0 or dev_size > most:
+        raise DataError(f"--dev_size {dev_size} must be in [0, {most}]: the training rows chosen hold "
+                        f"{len(examples)} answered conversations, {len(once)} with a prompt that "
+                        f"appears once (dev examples are drawn from those), and at least half of "
+                        f"them must stay for training. The paper's way is a dev set of its own: "
+                        f"--dev_file")
     held = {once[i] for i in random.Random(seed).sample(range(len(once)), dev_size)}
     train = [ex for i, ex in enumerate(examples) if i not in held]
     dev = [ex for i, ex in enumerate(examples) if i in held]
