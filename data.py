@@ -15,6 +15,8 @@
       {dev,test}_prompts.jsonl {"id", "source", "line", "turns": [user, ..., user], "reference"}
 - Prompt files for sampling (`read_prompts`) and the generation files sample.py writes and
   evaluate.py reads (`generation_record`, `read_generations`).
+- Dialogues for evaluate.py dialogue (LIMA §6): the user's messages, and a conversation to
+  continue (`read_dialogues`); the responses, one line per assistant turn (`read_dialogue_turns`).
 """
 
 import array
@@ -653,3 +655,77 @@ def prompt_key(gid, prompt, by_id):
 def describe(key):
     kind, value = key
     return f"id {value!r}" if kind == "id" else f"prompt {value[:60]!r}"
+
+
+
+# ---- dialogues: evaluate.py dialogue converses (LIMA §6) -----------------------------------------
+
+@dataclass
+class Dialogue:
+    id: object  # the row's "id", else its index in the file
+    source: Optional[str]
+    line: int
+    context: list  # a conversation already had: [user, assistant, ...], even length, maybe empty
+    user: list  # the user's messages to send, one at a time, each answered before the next
+
+
+def _dialogue(row):
+    """One row of a dialogue file -> (id, source, context, user messages)."""
+    user = _check_turns(row["user"], "user") if "user" in row else []
+    turns = conversation_turns(row) if ("conversations" in row or "messages" in row) else []
+    if len(turns) % 2 == 1:  # it ends on the user's message: that is the first to answer
+        turns, user = turns[:-1], [turns[-1]] + list(user)
+    if not user:
+        raise DataError("nothing to answer: give 'user', the user's messages (answered one at a "
+                        "time), and/or a conversation ('conversations' or 'messages') that ends on "
+                        "a user turn")
+    gid = row.get("id")
+    if gid is not None and not isinstance(gid, (str, int)):
+        raise DataError("'id' must be a string or an integer")
+    source = row.get("source")
+    return gid, None if source is None else str(source), turns, user
+
+
+def read_dialogues(path):
+    """A dialogue file -> [Dialogue]. One JSON object per line:
+        {"user": ["first message", "the next", ...]}           the user's side of a conversation
+        {"conversations": [user, assistant, ..., user]}        a conversation to continue
+    or both (the conversation first, then the user's further messages); "id" and "source" are
+    kept when given."""
+    rows = read_jsonl(path, _dialogue)
+    if not rows:
+        raise DataError(f"{path}: no dialogues in this file")
+    dialogues, seen = [], {}
+    for i, (n, (gid, source, context, user)) in enumerate(rows):
+        gid = i if gid is None else gid
+        if gid in seen:
+            raise DataError(f"{path}:{n}: id {gid!r} again (first at line {seen[gid]}); each dialogue "
+                            f"needs its own")
+        seen[gid] = n
+        dialogues.append(Dialogue(gid, source, n, context, user))
+    return dialogues
+
+
+def _dialogue_turn(row):
+    for name, kind in (("dialogue", (str, int)), ("turn", int), ("prompt", str), ("response", str)):
+        if not isinstance(row.get(name), kind) or isinstance(row.get(name), bool):
+            raise DataError(f"'{name}' missing or not {'an integer' if kind is int else 'a string'} "
+                            f"(evaluate.py dialogue writes dialogue, turn, context, prompt, response)")
+    context = row.get("context", [])
+    if not (isinstance(context, list) and all(isinstance(t, str) for t in context)):
+        raise DataError("'context' must be a list of turns (strings)")
+    return row
+
+
+def read_dialogue_turns(path):
+    """A file of dialogue responses -> [row], each {"dialogue", "turn" (1-based), "context" (the
+    conversation before the user's message), "prompt" (that message), "response", ...} with
+    "where" (file:line) added. A (dialogue, turn) twice is an error."""
+    rows, seen = [], {}
+    for n, row in read_jsonl(path, _dialogue_turn, repair_tail=True):
+        key = (row["dialogue"], row["turn"])
+        if key in seen:
+            raise DataError(f"{path}:{n}: dialogue {key[0]!r} turn {key[1]} again (first at line {seen[key]})")
+        seen[key] = n
+        rows.append(dict(row, where=f"{path}:{n}"))
+    return rows
