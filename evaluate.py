@@ -1,22 +1,33 @@
-"""Evaluation as in the paper (LIMA §4-5), with no network: pairwise preference between two
-systems' answers to the same prompts, judged by a person or a local judge model; agreement
-between two judges; and the 1-6 helpfulness grade of the ablations. The questions and how a
-verdict is read are in judging.py, the statistics in stats.py, the tables in report.py.
+"""Evaluation as in the paper (LIMA §4-§6): pairwise preference between two systems' answers to
+the same prompts, judged by a person, a judge model or GPT-4; agreement between two judges; the
+1-6 helpfulness grade of the ablations; and the dialogue study, every response of a conversation
+graded fail / pass / excellent. The questions and how a verdict is read are in judging.py, the
+statistics in stats.py, the tables in report.py.
 
     # each system answers the 300 test prompts (LIMA §5 decoding)
     python sample.py --checkpoint out/lima-65b/epoch_07 --prompt_file data/lima/test_prompts.jsonl --out gen_lima.jsonl
     # a person judges, one pair at a time; stop any time (q), rerun the same command to go on
     # (several annotators: --judge_name alice --out alice.jsonl, and so on)
     python evaluate.py pairwise --a gen_lima.jsonl --b gen_base.jsonl --judge human --out human.jsonl
+    # GPT-4, the paper's model judge, over the OpenAI chat-completions protocol (needs `pip install
+    # openai`; OPENAI_API_KEY, and OPENAI_BASE_URL for another server: vLLM, llama.cpp)
+    python evaluate.py pairwise --a gen_lima.jsonl --b gen_base.jsonl --judge openai:gpt-4 --out gpt4.jsonl
     # a local judge model (any checkpoint checkpoint.py reads), asked both A/B orders
     python evaluate.py pairwise --a gen_lima.jsonl --b gen_base.jsonl --judge out/judge \
         --both_orders --out judge.jsonl
-    python evaluate.py report human.jsonl judge.jsonl --chart results.png
-    python evaluate.py agreement human.jsonl judge.jsonl
+    python evaluate.py report human.jsonl gpt4.jsonl --chart results.png
+    python evaluate.py agreement human.jsonl gpt4.jsonl
     # LIMA §5 ablations: 5 samples per prompt (list each prompt 5 times in the prompt file),
-    # each graded 1-6 by a judge model
-    python evaluate.py helpfulness --gen samples_7b.jsonl --judge out/judge --out grades.jsonl
+    # each graded 1-6 by ChatGPT (or a judge model)
+    python evaluate.py helpfulness --gen samples_7b.jsonl --judge openai:gpt-3.5-turbo --out grades.jsonl
     python evaluate.py report grades.jsonl
+    # LIMA §6 dialogue: each model converses through the same dialogues (the user's messages,
+    # answered one at a time in context), and a person grades every response
+    python evaluate.py dialogue --dialogues dialogues.jsonl --checkpoint out/lima-65b/epoch_07 \
+        --gen dialogue_lima.jsonl --judge human --out dialogue_lima_grades.jsonl
+    python evaluate.py dialogue --dialogues dialogues.jsonl --checkpoint out/lima-dialogue-65b/epoch_07 \
+        --gen dialogue_lima_chains.jsonl --judge human --out dialogue_lima_chains_grades.jsonl
+    python evaluate.py report dialogue_lima_grades.jsonl dialogue_lima_chains_grades.jsonl
 
 Inputs are generation files written by `sample.py --prompt_file ... --out` (JSON lines with at
 least "prompt" and "response"; "context" for the earlier turns of a conversation; "id" and

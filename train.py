@@ -7,6 +7,8 @@
     torchrun --nproc_per_node=8 train.py --init_from /llama/65B --data_dir data/lima --out_dir out/lima-65b
     # LIMA's 7B ablation setting (batch 64, residual dropout 0.2)
     torchrun --nproc_per_node=8 train.py --preset small --init_from /llama/7B --data_dir data/lima --out_dir out/lima-7b
+    # LIMA §6's dialogue model: the same recipe from the base model on the 1,030 rows (prepare_data.py --dialogues)
+    torchrun --nproc_per_node=8 train.py --init_from /llama/65B --data_dir data/lima-dialogue --out_dir out/lima-dialogue-65b
     # Llama 3.x (data prepared with its tokenizer: prepare_data.py --tokenizer Llama-3.2-1B/tokenizer.json):
     # 3.2 1B on one GPU; 3.2 3B on one GPU with --activation_checkpointing; 3.1 8B on 8 GPUs
     python train.py --preset small --init_from /llama/Llama-3.2-1B --data_dir data/lima-llama3 --out_dir out/lima-llama3.2-1b

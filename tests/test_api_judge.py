@@ -259,3 +259,9 @@ def test_helpfulness_and_dialogue_grades_by_a_server(tmp_path, server, capsys):
                                     and "[Response]: like so" in q for q in second)
     assert all(judging.NO_CONTEXT in q for q in questions if q not in second)
     assert re.search(r"^excellent\s+4\s+100\.0%", capsys.readouterr().out, re.M)
+
+
+def test_helpfulness_is_graded_by_a_judge_not_a_person(tmp_path, capsys):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": 0, "prompt": "q", "response": "r"}])
+    assert E.main(["helpfulness", "--gen", samples, "--judge", "human", "--out", str(tmp_path / "g.jsonl")]) == 1
+    assert "graded by a judge model (LIMA §5: ChatGPT): --judge openai:MODEL" in capsys.readouterr().err
