@@ -717,12 +717,13 @@ def _dialogue_turn(row):
     return row
 
 
-def read_dialogue_turns(path):
+def read_dialogue_turns(path, repair_tail=False):
     """A file of dialogue responses -> [row], each {"dialogue", "turn" (1-based), "context" (the
     conversation before the user's message), "prompt" (that message), "response", ...} with
-    "where" (file:line) added. A (dialogue, turn) twice is an error."""
+    "where" (file:line) added. A (dialogue, turn) twice is an error. repair_tail: the file is
+    ours to append to (read_jsonl)."""
     rows, seen = [], {}
-    for n, row in read_jsonl(path, _dialogue_turn, repair_tail=True):
+    for n, row in read_jsonl(path, _dialogue_turn, repair_tail=repair_tail):
         key = (row["dialogue"], row["turn"])
         if key in seen:
             raise DataError(f"{path}:{n}: dialogue {key[0]!r} turn {key[1]} again (first at line {seen[key]})")

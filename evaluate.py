@@ -473,11 +473,12 @@ def answered_turns(path, dialogues, settings):
         return answers
     ours = {k: v for k, v in settings.items() if k not in DECODING_SKIP_IN_RESUME_CHECK}
     by_id, found = {d.id: d for d in dialogues}, defaultdict(dict)
-    for row in data.read_dialogue_turns(path):
+    for row in data.read_dialogue_turns(path, repair_tail=True):
         recorded = row.get("settings") if isinstance(row.get("settings"), dict) else {}
         theirs = {k: v for k, v in recorded.items() if k not in DECODING_SKIP_IN_RESUME_CHECK}
         if theirs != ours:
-            diff = {k: (theirs.get(k), ours.get(k)) for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k)}
+            diff = {k: (theirs.get(k), ours.get(k)) for k in theirs.keys() | ours.keys()
+                    if theirs.get(k) != ours.get(k)}
             raise EvalError(f"{row['where']}: made with other settings (theirs, ours): {diff}; write to another --gen")
         d = by_id.get(row["dialogue"])
         k = row["turn"]
@@ -489,7 +490,8 @@ def answered_turns(path, dialogues, settings):
         rows = found.get(d.id, {})
         for k in range(1, len(rows) + 1):
             if k not in rows:
-                raise EvalError(f"{path}: dialogue {d.id!r} has turn {max(rows)} but no turn {k}; write to another --gen")
+                raise EvalError(f"{path}: dialogue {d.id!r} has turn {max(rows)} but no turn {k}; write to "
+                                f"another --gen")
             if rows[k]["context"] != conversation(d, answers[d.id]):
                 raise EvalError(f"{rows[k]['where']}: its context is not the conversation of the lines before it; "
                                 f"write to another --gen")

@@ -275,10 +275,10 @@ def summary(meta):
         lines.append(f"test  {meta['test_prompts']:,} prompts")
     train_examples, warning = meta["splits"]["train"]["examples"], None
     if meta["dev_carved"]:  # loud, and last: this is no longer the paper's training set
-        warning = (f"WARNING: the dev set's {meta['dev_size']:,} examples were carved out of the training "
-                   f"rows, so {train_examples:,} examples train, not the paper's {PAPER_TRAIN_SIZE:,} "
-                   f"(LIMA §2: its 50 dev examples were written apart from them). The paper's way: "
-                   f"--dev_file with a dev set of your own.")
+        warning = (f"WARNING: the dev set's {meta['dev_size']:,} examples were carved out of the "
+                   f"{chosen['chosen']:,} training rows chosen, so {train_examples:,} of them train; the "
+                   f"paper's LIMA trains on {PAPER_TRAIN_SIZE:,} (LIMA §2), its 50 dev examples written apart "
+                   f"from them. The paper's way: --dev_file with a dev set of your own.")
     elif meta["dev_prompts"]:
         lines.append(f"dev   {meta['dev_prompts']:,} prompts from --dev_file, answered at each saved epoch "
                      f"(LIMA §3); {meta['dev_size']:,} with a final answer give the dev loss")

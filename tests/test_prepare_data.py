@@ -462,7 +462,8 @@ def test_carving_a_dev_set_says_loudly_what_remains(tmp_path, tiny_tokenizer_pat
     assert meta["splits"]["train"]["examples"] == 950 and meta["dev_size"] == 50 and meta["dev_carved"]
     assert not {ex_line for ex_line in meta["dev_lines"]} & set(range(1001, 1031))  # not a dialogue chain
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("WARNING:") and "950 examples train, not the paper's 1,000" in last
+    assert last.startswith("WARNING:") and "carved out of the 1,000 training rows chosen, so 950 of them train" in last
+    assert "the paper's LIMA trains on 1,000" in last
     assert "--dev_file" in last
 
 
