@@ -306,7 +306,8 @@ class APIJudge:
             if self.limit == "max_tokens" and "max_completion_tokens" in message:
                 self.limit = "max_completion_tokens"
                 return self.ask(question)
-            if re.search(r"context|too long|too many tokens|maximum.*length", message, re.IGNORECASE):
+            if re.search(r"context[ _](length|size|window)|too long|too many tokens|maximum.*length", message,
+                         re.IGNORECASE):
                 # one question too long for the judge: counted as not asked, as ModelJudge does
                 return Reply(TOO_LONG, {"refused": message})
             raise JudgeError(f"{self.base_url} refused the request (HTTP 400: {message})") from None
@@ -336,9 +337,12 @@ class APIJudge:
     def __call__(self, questions):
         pool = ThreadPoolExecutor(max_workers=self.concurrency)
         try:
-            return list(pool.map(self.ask, questions))
-        finally:  # on an error, the questions not yet sent are not sent
-            pool.shutdown(wait=True, cancel_futures=True)
+            replies = list(pool.map(self.ask, questions))
+        except BaseException:  # an error or Ctrl-C: the questions not yet sent are not sent
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        return replies
 
 
 def _server_message(error):
