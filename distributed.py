@@ -145,13 +145,15 @@ def compute_dtype(cfg, device):
     return config.resolve_dtype(cfg.compute_dtype, device.type)
 
 
-def memory_plan(cfg, args, world_size, device, max_len, capacity=None):
+def memory_plan(cfg, args, world_size, device, max_len, capacity=None, quiet=False):
     """Bytes per GPU for the chosen options; printed at start, and a plan that cannot fit is
     refused (capacity: bytes per GPU; read from the device on CUDA). Adam keeps two moments in
     the parameters' dtype; FSDP holds the shards plus about two unsharded blocks (the current one
-    and the prefetched next) and the root (embedding, output head) in the compute dtype. The
-    loss makes the logits one slice of tokens at a time (model.chunked_cross_entropy), so they
-    cost the same with LLaMA's 32,000-row vocabulary as with Llama 3's 128,256."""
+    and the prefetched next) and the root (embedding, output head) in the compute dtype, and a
+    block's gradient unsharded in fp32 before it is reduced. The loss makes the logits one slice
+    of tokens at a time (model.chunked_cross_entropy), so they cost the same with LLaMA's
+    32,000-row vocabulary as with Llama 3's 128,256. Estimates: on an H200 the plain plan came
+    within 2% of the measured peak (benchmarks/gpu_h200.md); the others are unconfirmed."""
     with torch.device("meta"):
         model = Transformer(args)
     n = model.num_params()  # a tied embedding / head counted once
@@ -171,22 +173,29 @@ def memory_plan(cfg, args, world_size, device, max_len, capacity=None):
         "gradients (sharded)": on_gpu * n * pb / world_size,
         "optimizer state (sharded)": on_gpu * 2 * n * pb / world_size,
         "unsharded blocks (2) and root": 2 * block * cb + root * cb,
+        "a block's gradient (fp32, unsharded)": 4 * block,
         "activations (est.)": tokens * kept,
         # one slice's logits in the compute dtype and fp32, and their gradient in fp32
         "logits (one loss slice)": loss_slice * args.vocab_size * (cb + 4 + 4),
     }
+    if cfg.cpu_offload:  # shards brought over for the all-gather, gradients on their way out
+        plan["offloaded shards in flight"] = (pb + 4) * (2 * block + root) / world_size
     plan["total"] = sum(plan.values())
-    lines = [f"memory plan per {'GPU' if device.type == 'cuda' else 'process'}: {n / 1e9:.2f}B "
-             f"params, {world_size} ranks, params {str(param_dtype(cfg)).replace('torch.', '')}, compute "
-             f"{str(compute_dtype(cfg, device)).replace('torch.', '')}, checkpointing "
-             f"{cfg.activation_checkpointing}, cpu offload {cfg.cpu_offload}"]
-    lines += [f"  {k:<28}{v / 2**30:8.2f} GiB" for k, v in plan.items()]
-    if cfg.cpu_offload:
-        lines.append(f"  host memory per rank for offloaded state: {4 * n * pb / world_size / 2**30:.1f} GiB")
-    if param_dtype(cfg) == torch.bfloat16:
-        lines.append("  note: bf16 master weights and Adam state; LIMA's updates (1e-5 on weights of ~1e-2, "
-                     "below bf16's 8-bit mantissa) are kept by stochastic rounding (optim.AdamW)")
-    log("\n".join(lines))
+    plan["host per rank"] = (4 * n * pb / world_size) if cfg.cpu_offload else 0.0
+    if not quiet:
+        lines = [f"memory plan per {'GPU' if device.type == 'cuda' else 'process'}: {n / 1e9:.2f}B "
+                 f"params, {world_size} ranks, params {str(param_dtype(cfg)).replace('torch.', '')}, "
+                 f"compute {str(compute_dtype(cfg, device)).replace('torch.', '')}, checkpointing "
+                 f"{cfg.activation_checkpointing}, cpu offload {cfg.cpu_offload}"]
+        lines += [f"  {k:<38}{v / 2**30:8.2f} GiB" for k, v in plan.items() if k != "host per rank"]
+        if cfg.cpu_offload:
+            lines.append(f"  host memory per rank for offloaded state: {plan['host per rank'] / 2**30:.1f} GiB")
+        if param_dtype(cfg) == torch.bfloat16:
+            lines.append("  note: bf16 master weights and Adam state; LIMA's updates (1e-5 on weights of ~1e-2, "
+                         "below bf16's 8-bit mantissa) are kept by stochastic rounding (optim.AdamW)")
+        log("\n".join(lines))
+    if quiet:  # a plan to compare, not a run to refuse
+        return plan
     if capacity is None and device.type == "cuda":
         capacity = torch.cuda.get_device_properties(device).total_memory
     if capacity is not None:
@@ -199,7 +208,60 @@ def memory_plan(cfg, args, world_size, device, max_len, capacity=None):
 
 # what to change when a run does not fit, as the plan and train.py's memory probe both say it
 MEMORY_OPTIONS = ("--activation_checkpointing, --param_dtype bfloat16, --cpu_offload, a smaller "
-                  "--micro_batch_tokens, more GPUs")
+                  "--micro_batch_tokens, more GPUs (train.py --plan_only lists what fits)")
+
+
+DEV_ROWS = 16  # dev prompts decoded together (train.DEV_BATCH)
+
+
+def _duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def plan_report(cfg, args, world_size, gpu_gib, lengths, mfu, max_len):
+    """train.py --plan_only: what a run needs, before any GPU is rented. lengths: the tokens of
+    each training example (one epoch). -> lines of text."""
+    from dataclasses import replace
+    gpu = torch.device("cuda")
+    capacity = gpu_gib * 2**30
+    with torch.device("meta"):
+        n = Transformer(args).num_params()
+    lines = [f"plan for {n / 1e9:.2f}B parameters on {world_size} GPUs of {gpu_gib:g} GiB "
+             f"(estimates, not measurements):", "",
+             "| param dtype | checkpointing | cpu offload | GiB per GPU | fits | host GiB per rank |",
+             "|---|---|---|---|---|---|"]
+    fitting = []
+    for dtype in ("float32", "bfloat16"):
+        for ckpt in (False, True):
+            for offload in (False, True):
+                option = replace(cfg, param_dtype=dtype, activation_checkpointing=ckpt, cpu_offload=offload)
+                p = memory_plan(option, args, world_size, gpu, max_len, quiet=True)
+                fits = p["total"] <= 0.95 * capacity
+                chosen = (dtype, ckpt, offload) == (cfg.param_dtype, cfg.activation_checkpointing, cfg.cpu_offload)
+                lines.append(f"| {dtype}{' (given)' if chosen else ''} | {ckpt} | {offload} | "
+                             f"{p['total'] / 2**30:.1f} | {'yes' if fits else 'no'} | "
+                             f"{p['host per rank'] / 2**30:.0f} |")
+                if fits:
+                    fitting.append(" ".join(f for f, on in (("--param_dtype bfloat16", dtype == "bfloat16"),
+                                                            ("--activation_checkpointing", ckpt),
+                                                            ("--cpu_offload", offload)) if on) or "(the defaults)")
+    per_node = min(world_size, 8)
+    cache = DEV_ROWS * 2048 * args.n_layers * 2 * args.kv_heads * args.head_dim * 2
+    tokens = sum(int(x) - 1 for x in lengths)
+    flops = 6 * n * tokens + sum(6 * args.n_layers * args.dim * int(x) ** 2 for x in lengths)
+    seconds = flops / (mfu * 989e12 * world_size)
+    pb = config.resolve_dtype(cfg.param_dtype, "cpu").itemsize
+    lines += ["", f"options that fit (with --micro_batch_tokens {cfg.micro_batch_tokens}): "
+                  + ("; ".join(fitting) if fitting else "none: more GPUs, or a smaller --micro_batch_tokens"),
+              f"dev answers of each saved epoch: the checkpoint in bf16 over {per_node} GPUs of one node, "
+              f"{(2 * n + cache) / per_node / 2**30:.1f} GiB per GPU ({DEV_ROWS} prompts x 2,048 tokens of KV cache)",
+              f"a saved epoch (bf16): {2 * n / 1e9:.0f} GB; the resume state ({cfg.param_dtype} weights and "
+              f"Adam's two moments): {3 * pb * n / 1e9:.0f} GB",
+              f"one epoch: {len(lengths):,} examples, {tokens:,} tokens, {flops / 1e15:.0f} PFLOP: about "
+              f"{_duration(seconds)} at {mfu:.0%} MFU, {cfg.epochs} epochs {_duration(cfg.epochs * seconds)}, "
+              f"more with --cpu_offload (Adam steps on the host); measured on one H200: 24-36% MFU at "
+              f"1.2B (benchmarks/gpu_h200.md)"]
+    return lines
 
 
 def full_tensors(model, dtype):

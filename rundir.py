@@ -1,8 +1,8 @@
 """A training run's output directory: one run per directory, continued only as that run.
 
 train.py writes into out_dir: metrics.jsonl (a line per optimizer step), dev.jsonl (the dev loss
-of each epoch), dev_generations/epoch_NN.jsonl, epoch_NN/ (checkpoints), resume/ (the state of
-the last finished epoch) and train_config.json. Here: which of those an earlier run left, what
+of each epoch), training_curves.png (both drawn), dev_generations/epoch_NN.jsonl, epoch_NN/
+(checkpoints), resume/ (the state of the last finished epoch) and train_config.json. Here: which of those an earlier run left, what
 --resume and --overwrite may do with them (`claim_out_dir`, called by rank 0 holding the
 directory's lock), what makes a resumed run the same run (`run_identity`, `check_same_run`),
 the logs trimmed to the resume point, and what to tell a user whose run stopped (`kept`,
@@ -21,13 +21,14 @@ from dataclasses import asdict
 import data
 import distributed
 import files
+import report
 
 
 def earlier_run(out_dir):
     """The files a run of train.py leaves in out_dir (only these names: nothing else is ours)."""
     if not os.path.isdir(out_dir):
         return []
-    ours = ("metrics.jsonl", "dev.jsonl", "train_config.json", "dev_generations",
+    ours = ("metrics.jsonl", "dev.jsonl", report.TRAINING_CURVES, "train_config.json", "dev_generations",
             distributed.RESUME, distributed.RESUME + ".tmp", distributed.RESUME + ".old")
     return sorted(n for n in os.listdir(out_dir) if n in ours or re.fullmatch(r"epoch_\d+", n))
 

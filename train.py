@@ -32,6 +32,7 @@ the run stops, keeping the last good state. The resume state is safetensors and 
 pickle: no code runs from a file in out_dir). Ctrl-C says what was kept and how to continue.
 """
 
+import gc
 import json
 import math
 import os
@@ -48,11 +49,14 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import checkpoint
+import config
 import data
+import devices
 import distributed
 import files
 import rundir
 import optim
+import report
 from config import check_ranges, parse_config
 from distributed import log
 from generate import Decoding, encode_prompt, respond
@@ -76,7 +80,7 @@ class TrainConfig:
         "help": "model preset for --init_from scratch", "choices": sorted(MODEL_PRESETS)})
     data_dir: str = field(default="data/lima", metadata={"help": "output of prepare_data.py"})
     out_dir: str = field(default="out/lima", metadata={
-        "help": "checkpoints, resume state, metrics.jsonl, dev generations"})
+        "help": "checkpoints, resume state, metrics.jsonl, training_curves.png, dev generations"})
     # LIMA §3: "15 epochs using AdamW with β1 = 0.9, β2 = 0.95, and weight decay of 0.1.
     # Without warmup steps, we set the initial learning rate to 1e-5 and linearly decaying to
     # 1e-6 by the end of training. The batch size is set to 32 examples (64 for smaller
@@ -125,6 +129,11 @@ class TrainConfig:
     force: bool = field(default=False, metadata={"help": "start even if the memory plan says it does not fit"})
     max_steps: Optional[int] = field(default=None, metadata={
         "help": "stop after this many optimizer steps (benchmarks, tests)", "min": 1})
+    # --plan_only: the plan of a run, before renting the GPUs (no weights needed, only their config)
+    plan_only: bool = field(default=False, metadata={"help": "print the memory, disk and time plan for --gpus GPUs and every option set, then stop"})
+    gpus: int = field(default=8, metadata={"help": "GPUs (ranks) to plan for with --plan_only", "min": 1})
+    gpu_memory_gib: float = field(default=80.0, metadata={"help": "memory of each GPU, for --plan_only", "gt": 0})
+    plan_mfu: float = field(default=0.4, metadata={"help": "model FLOPs utilisation the time estimate assumes", "gt": 0, "max": 1})
 
 
 PRESETS = {
@@ -312,22 +321,24 @@ def dev_loss(model, split, world_size, rank, budget, device, bos_id):
 DEV_BATCH = 16  # dev prompts decoded together
 
 
-def dev_generations(model, tokenizer, prompts, path, epoch, cfg, seed):
+def dev_generations(model, tokenizer, prompts, path, epoch, cfg, seed, sharded=True):
     """Responses to every dev prompt with the paper's decoding (LIMA §5), for choosing the
-    checkpoint by reading them (LIMA §3). Every rank decodes the same batches in lockstep, since
-    each FSDP forward is a collective; rank 0 shows the progress and writes the file.
+    checkpoint by reading them (LIMA §3). sharded: the FSDP model, whose every forward is a
+    collective, so every rank decodes the same batches in lockstep and rank 0 shows the progress
+    and writes the file; else one process's plain model (`answer_saved_epochs`).
 
     Progress is in tokens. How many a response takes is known only when it ends, so the bar's
     total is what the responses may take at most (each prompt's budget), lowered to what they
     took as each batch finishes: the ETA is an upper bound that tightens."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    generator = torch.Generator(device=model.output.weight.device).manual_seed(seed)
+    writer = not sharded or dist.get_rank() == 0
     turns = [p["turns"] for p in prompts]
     context = min(Decoding.max_seq_len, model.args.max_seq_len)  # what respond() decodes within
     budgets = [max(0, context - len(encode_prompt(tokenizer, t))) for t in turns]
     if cfg.dev_max_new_tokens is not None:
         budgets = [min(b, cfg.dev_max_new_tokens) for b in budgets]
     with tqdm(total=sum(budgets), unit="tok", desc=f"epoch {epoch} dev answers", leave=False,
-               disable=dist.get_rank() != 0, dynamic_ncols=True) as bar:
+               disable=not writer, dynamic_ncols=True) as bar:
         made, t0 = 0, time.perf_counter()
 
         def progress(n):
@@ -339,14 +350,47 @@ def dev_generations(model, tokenizer, prompts, path, epoch, cfg, seed):
         for s in range(0, len(turns), DEV_BATCH):
             responses += respond(model, tokenizer, turns[s:s + DEV_BATCH], generator=generator,
                                  batch_size=DEV_BATCH, max_new_tokens=cfg.dev_max_new_tokens,
-                                 all_done=distributed.all_ranks_done, progress=progress)
+                                 all_done=distributed.all_ranks_done if sharded else None, progress=progress)
             bar.total = made + sum(budgets[s + DEV_BATCH:])
             bar.refresh()
-    if dist.get_rank() == 0:
+    if writer:
         data.write_jsonl(path, [{"id": p.get("id"), "source": p.get("source"), "prompt": p["turns"][-1],
                                  "response": r, "reference": p.get("reference"), "epoch": epoch}
                                 for p, r in zip(prompts, responses)])
     return made, time.perf_counter() - t0
+
+
+def answer_saved_epochs(cfg, tokenizer, prompts):
+    """The dev answers of every saved epoch that has none yet, once training is over and its
+    memory is free: each checkpoint is loaded in the compute dtype, its layers split over this
+    node's GPUs when it does not fit one (devices.py), and decoded by this one process. At 65B
+    that is 130 GB of bf16 weights over 8 GPUs, instead of every new token all-gathering the
+    sharded model and a KV cache in the master weights' dtype; the answers are those the
+    sharded model gives (a test checks it on CPU)."""
+    folder = os.path.join(cfg.out_dir, "dev_generations")
+    saved = sorted(name for name in rundir.earlier_run(cfg.out_dir) if name.startswith("epoch_"))
+    todo = [name for name in saved if not os.path.exists(os.path.join(folder, f"{name}.jsonl"))]
+    if not todo or not prompts:
+        return
+    os.makedirs(folder, exist_ok=True)
+    cuda = config.resolve_device(cfg.device).startswith("cuda")
+    for name in todo:
+        path, epoch = os.path.join(cfg.out_dir, name), int(name.split("_")[1])
+        args = checkpoint.load_args(path)
+        dtype = torch.bfloat16 if cuda else torch.float32  # what the checkpoint was saved in
+        placed = devices.choose_devices("auto" if cuda else "cpu", args, dtype, DEV_BATCH,
+                                        min(Decoding.max_seq_len, args.max_seq_len))
+        log(f"epoch {epoch}: dev answers from {path}, on {', '.join(placed)}")
+        model = (checkpoint.load_model(path, dtype=dtype, device=placed[0]) if len(placed) == 1
+                 else devices.load_placed(path, devices.placement_plan(args, placed), dtype))
+        model.requires_grad_(False).eval()
+        out = os.path.join(folder, f"{name}.jsonl")
+        n, seconds = dev_generations(model, tokenizer, prompts, out, epoch, cfg, cfg.seed + epoch, sharded=False)
+        log(f"epoch {epoch}: dev generations in {out} ({n:,} tokens in {seconds:.0f} s)")
+        del model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 # ---- training ----------------------------------------------------------------------------------
@@ -443,8 +487,30 @@ def step_flops(args, n_params, lengths):
     return 6 * n_params * tokens + sum(6 * args.n_layers * args.dim * int(n) ** 2 for n in lengths)
 
 
+LIMA_EXAMPLES, LIMA_MEAN_TOKENS = 1000, 750  # LIMA §2: 1,000 examples, ~750K tokens
+
+
+def plan(cfg):
+    """--plan_only: the base's configuration (or a --model preset), the data's example lengths
+    (or LIMA's 1,000 examples at their mean length) -> the plan, printed."""
+    if cfg.init_from == SCRATCH or not cfg.init_from:
+        args = model_args(cfg.model)
+    else:
+        args = checkpoint.load_args(cfg.init_from, weights=False)
+    try:
+        split = data.load_split(cfg.data_dir, "train")
+        lengths, max_len, source = split.lengths, data.load_meta(cfg.data_dir)["max_len"], cfg.data_dir
+    except (FileNotFoundError, ValueError):
+        lengths, max_len = [LIMA_MEAN_TOKENS] * LIMA_EXAMPLES, 2048
+        source = f"no data in {cfg.data_dir}: LIMA's {LIMA_EXAMPLES:,} examples of {LIMA_MEAN_TOKENS} tokens"
+    print("\n".join([f"data: {source}"] + distributed.plan_report(
+        cfg, args, cfg.gpus, cfg.gpu_memory_gib, lengths, cfg.plan_mfu, max_len)))
+
+
 def train(cfg):
     check_ranges(cfg)
+    if cfg.plan_only:
+        return plan(cfg)
     if not cfg.init_from:
         raise ValueError("--init_from: pass the base model's directory (LIMA fine-tunes a "
                          "pretrained LLaMA), or --init_from scratch to train a --model preset from "
@@ -462,6 +528,12 @@ def train(cfg):
             run = setup(cfg, device, rank, world_size)
             probe_memory(run)
             loop(run)
+            tokenizer, prompts = run.tokenizer, run.dev_prompts
+            del run  # the sharded model and optimizer: their memory is the dev answers' now
+            distributed.teardown()  # the other ranks are done
+            gc.collect()
+            if rank == 0:  # still holding out_dir's lock
+                answer_saved_epochs(cfg, tokenizer, prompts)
     finally:
         distributed.teardown()
 
@@ -545,9 +617,12 @@ def loop(run):
                 break  # stopped by --max_steps
             end_of_epoch(run, epoch)
     saved = [name for name in rundir.earlier_run(cfg.out_dir) if name.startswith("epoch_")]
+    curves = (f"{report.TRAINING_CURVES} (the curves as a picture), " if os.path.exists(
+        os.path.join(cfg.out_dir, report.TRAINING_CURVES)) else "no training_curves.png (it needs "
+        "matplotlib), " if report.pyplot() is None else "")
     log(f"done: {run.step} steps. In {cfg.out_dir}: metrics.jsonl (one line per step), dev.jsonl "
-        f"(dev loss per epoch), dev_generations/ (responses to read when picking a checkpoint), "
-        f"resume/ (for --resume), checkpoints {', '.join(saved) or 'none'}")
+        f"(dev loss per epoch), {curves}dev_generations/ (responses to read when picking a "
+        f"checkpoint), resume/ (for --resume), checkpoints {', '.join(saved) or 'none'}")
 
 
 def one_step(run, epoch, batch, total_steps, supervised):
@@ -597,8 +672,13 @@ def end_of_epoch(run, epoch):
         if run.rank == 0:
             with open(os.path.join(cfg.out_dir, "dev.jsonl"), "a") as f:
                 f.write(json.dumps({"epoch": ep, "step": run.step, "dev_loss": loss}) + "\n")
+    if run.rank == 0:  # the curves so far as a picture (needs matplotlib, which is optional)
+        report.training_curves(cfg.out_dir)
     keep = ep in cfg.save_epochs or ep == cfg.epochs
-    if run.dev_prompts and (keep or cfg.generate_every_epoch):
+    # a saved epoch's dev answers come from its checkpoint once training is over
+    # (answer_saved_epochs); --generate_every_epoch answers the others here, through the
+    # sharded model (for small models: every token is a collective)
+    if run.dev_prompts and cfg.generate_every_epoch and not keep:
         os.makedirs(os.path.join(cfg.out_dir, "dev_generations"), exist_ok=True)
         path = os.path.join(cfg.out_dir, "dev_generations", f"epoch_{ep:02d}.jsonl")
         n, seconds = dev_generations(run.model, run.tokenizer, run.dev_prompts, path, ep, cfg, cfg.seed + ep)

@@ -25,6 +25,7 @@ import distributed
 import files
 import model as M
 import prepare_data
+import report
 import rundir
 import train
 from model import IGNORE_INDEX
@@ -123,6 +124,40 @@ def test_lr_schedule_and_metrics(reference):
     assert np.allclose(np.diff(lrs), np.diff(lrs)[0])  # linear, no warmup
     assert losses(reference)[-1] < losses(reference)[0]
     assert all(np.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0 for r in reference)
+
+
+def test_training_curves_are_drawn_each_epoch(setup, reference):
+    png = setup / "ref" / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_curves_plot_the_logged_numbers(tmp_path, monkeypatch):
+    """What is drawn is metrics.jsonl and dev.jsonl: the loss and learning rate of each step,
+    the dev loss of each epoch (the last line of an epoch a resumed run repeated), a torn last
+    line ignored; without matplotlib, no picture and no error."""
+    pytest.importorskip("matplotlib")
+    steps = [dict(step=i, epoch=i // 3 + 1, loss=3.0 - 0.1 * i, lr=1e-5 - 1e-6 * i) for i in range(6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps) + '{"step": 6, "lo')
+    dev = [dict(epoch=1, step=3, dev_loss=2.5), dict(epoch=1, step=3, dev_loss=2.4), dict(epoch=2, step=6, dev_loss=2.6)]
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
+    plt = report.pyplot()
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert report.training_curves(str(tmp_path)) == str(tmp_path / "training_curves.png")
+    top, bottom = figures[0].axes
+    per_step, per_epoch, dev_line = [line for line in top.get_lines() if line.get_label()[0] != "_"]
+    assert list(per_step.get_ydata()) == [r["loss"] for r in steps]
+    assert list(per_epoch.get_xdata()) == [2, 5] and np.allclose(per_epoch.get_ydata(), [2.9, 2.6])
+    assert list(dev_line.get_xdata()) == [2, 5] and list(dev_line.get_ydata()) == [2.4, 2.6]
+    lr, = [line for line in bottom.get_lines() if line.get_label()[0] != "_"]
+    assert list(lr.get_ydata()) == [r["lr"] for r in steps]
+    assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    (tmp_path / "training_curves.png").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    assert report.pyplot() is None and report.training_curves(str(tmp_path)) is None
+    assert not (tmp_path / "training_curves.png").exists()
+    assert report.training_curves(str(tmp_path / "nothing yet")) is None
 
 
 def test_paper_defaults():
@@ -675,3 +710,49 @@ def test_the_continue_command_keeps_the_launcher_and_the_flags(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert rundir.continue_command(argv, True).startswith("torchrun --nproc_per_node=8 train.py --init_from")
     assert rundir.continue_command(argv + ["--resume"], False).endswith("'out/my run' --overwrite")
+
+
+def test_dev_answers_from_a_saved_checkpoint_equal_the_sharded_models(reference, setup, tmp_path):
+    # train.py answers the dev prompts of a saved epoch from its checkpoint once training is
+    # over (one process, the model placed like sample.py's) instead of through the sharded model
+    # at every epoch end: on CPU the answers are the same for the same seed
+    import torch.distributed as dist
+    ckpt = setup / "ref" / "epoch_02"
+    assert (setup / "ref" / "dev_generations" / "epoch_02.jsonl").exists()  # written at the end
+    cfg = train.TrainConfig(init_from=str(ckpt), dev_max_new_tokens=24, seed=3)
+    tokenizer = load_tokenizer(ckpt / "tokenizer.model")
+    prompts = data.read_prompts(setup / "data", "dev")
+    plain = checkpoint.load_model(str(ckpt)).eval()
+    train.dev_generations(plain, tokenizer, prompts, str(tmp_path / "plain.jsonl"), 2, cfg, 5, sharded=False)
+    if dist.is_initialized():
+        pytest.skip("needs a fresh torch.distributed")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        args = checkpoint.load_args(str(ckpt))
+        sharded = distributed.build_model(cfg, args, checkpoint.iter_weights(str(ckpt)), torch.device("cpu"))
+        train.dev_generations(sharded, tokenizer, prompts, str(tmp_path / "sharded.jsonl"), 2, cfg, 5)
+    finally:
+        dist.destroy_process_group()
+    a, b = (data.read_jsonl(tmp_path / f"{n}.jsonl") for n in ("plain", "sharded"))
+    assert [r["response"] for _, r in a] == [r["response"] for _, r in b]
+    assert sum(len(tokenizer.encode(r["response"])) for _, r in a) > 20  # something was said
+
+
+def test_plan_only_from_a_config_alone(tmp_path, capsys):
+    # the plan before renting GPUs: LLaMA 65B's params.json alone (no weights downloaded yet)
+    base = tmp_path / "65B"
+    base.mkdir()
+    (base / "params.json").write_text(json.dumps(
+        {"dim": 8192, "multiple_of": 256, "n_heads": 64, "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1}))
+    train.main(["--init_from", str(base), "--data_dir", str(tmp_path / "none"), "--out_dir", str(tmp_path / "out"),
+                "--plan_only", "--gpus", "8", "--gpu_memory_gib", "80", "--micro_batch_tokens", "2048"])
+    out = capsys.readouterr().out
+    assert "plan for 65.29B parameters on 8 GPUs of 80 GiB" in out
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line.split("|")[5].strip()
+            for line in out.splitlines() if line.startswith("| float32") or line.startswith("| bfloat16")}
+    assert rows[("float32 (given)", "False", "False")] == "no"  # fp32 AdamW: 1 TB over 8 GPUs
+    assert rows[("float32", "True", "True")] == "yes"  # the README's first 65B command
+    assert rows[("bfloat16", "True", "False")] == "yes"  # and its second
+    assert "the resume state (float32 weights and Adam's two moments): 783 GB" in out
+    assert "LIMA's 1,000 examples" in out and "MFU" in out
+    assert not (tmp_path / "out").exists()  # nothing built, nothing written
