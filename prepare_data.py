@@ -5,7 +5,7 @@
     # Llama 3.x: its tokenizer.json (Hugging Face layout) or tokenizer.model (Meta's, tiktoken)
     python prepare_data.py --train lima/train.jsonl --test lima/test.jsonl \\
         --tokenizer Llama-3.2-1B/tokenizer.json --out_dir data/lima-llama3
-    python prepare_data.py --demo --out_dir data/demo   # built-in demo set + a tokenizer for it
+    python prepare_data.py --demo --out_dir data/demo   # the built-in demo set, for demo/base
 
 Input (LIMA §2): GAIR/lima's jsonl, one {"conversations": [user, assistant, ...], "source": ...}
 per line, or the common {"messages": [{"role": "user" | "assistant", "content": ...}, ...]} of
@@ -27,10 +27,9 @@ answered and read only). --dev_size N carves N examples out of the training rows
 says how many remain.
 
 Output in out_dir, replaced only when the whole run succeeds: the prepared-data directory
-(data.py describes its files), and with --demo the SentencePiece model trained on the demo set.
+(data.py describes its files).
 """
 
-import io
 import os
 import shutil
 import sys
@@ -47,9 +46,12 @@ from data import (DIALOGUE_SOURCE, FORMAT, DataError, answered, asked, asking, c
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# the demo: 1,000 curated examples (+ 30 dialogues), its 50-example dev set and held-out prompts
+# (demo/make_demo.py), tokenized for the small pretrained base model shipped in demo/base
 DEMO_TRAIN = os.path.join(ROOT, "demo", "train.jsonl")
+DEMO_DEV = os.path.join(ROOT, "demo", "dev.jsonl")
 DEMO_TEST = os.path.join(ROOT, "demo", "test.jsonl")
-DEMO_VOCAB_SIZE = 1024  # small enough for a from-scratch CPU model, big enough for whole words
+DEMO_TOKENIZER = os.path.join(ROOT, "demo", "base", "tokenizer.model")
 
 
 @dataclass
@@ -69,7 +71,7 @@ class PrepareConfig:
                 "answers give the dev loss, and/or lone prompts, answered each saved epoch"})
     dev_size: Optional[int] = field(default=None, metadata={
         "help": "carve this many examples out of the training rows as the dev set instead (seeded; "
-                "at most half); default: none, or 50 with --demo", "min": 0})
+                "at most half); default: none (--demo: demo/dev.jsonl is its --dev_file)", "min": 0})
     allow_dev_overlap: bool = field(default=False, metadata={
         "help": "keep dev examples whose prompt is also in train (reported either way)"})
     tokenizer: Optional[str] = field(default=None, metadata={
@@ -84,27 +86,10 @@ class PrepareConfig:
         "help": "train on every token, not only the assistant's turns (our default: off)"})
     seed: int = field(default=1337, metadata={"help": "seed of the dev split", "min": 0})
     demo: bool = field(default=False, metadata={
-        "help": "prepare the built-in demo set (demo/*.jsonl), its dialogues included and 50 dev "
-                "examples carved out, and train a small tokenizer for it"})
+        "help": "prepare the built-in demo set (demo/*.jsonl) with the tokenizer of demo/base"})
 
 
 PAPER_TRAIN_SIZE = 1000  # LIMA §2: the training set, 1,000 prompt/response pairs
-
-
-def train_demo_tokenizer(texts, path, vocab_size=DEMO_VOCAB_SIZE):
-    """A small SentencePiece BPE for the demo, trained on the demo's own text, with LLaMA's
-    settings: unk 0, BOS 1, EOS 2, no pad, digits split, byte fallback, no normalization.
-    Trained from an iterator into memory, so the file (and its sha256) is the same every run."""
-    import sentencepiece as spm
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(texts), model_writer=model, model_type="bpe",
-        vocab_size=vocab_size, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
-        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1,
-        minloglevel=2)
-    with open(path, "wb") as f:
-        f.write(model.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,12 +134,13 @@ MAX_SHOWN = 3
 
 def prepare(cfg):
     """Validate everything, then write into a temp dir beside out_dir and swap it in."""
-    if cfg.demo:  # the demo is its own small world: its dialogues train, and it carves a dev set
-        cfg = replace(cfg, train=cfg.train or DEMO_TRAIN, test=cfg.test or DEMO_TEST, dialogues=True,
-                      dev_size=50 if cfg.dev_size is None and cfg.dev_file is None else cfg.dev_size)
+    if cfg.demo:  # LIMA in miniature: its 1,000 train (the 30 dialogues too with --dialogues)
+        cfg = replace(cfg, train=cfg.train or DEMO_TRAIN, test=cfg.test or DEMO_TEST,
+                      dev_file=cfg.dev_file or (None if cfg.dev_size else DEMO_DEV),
+                      tokenizer=cfg.tokenizer or DEMO_TOKENIZER)
     if cfg.train is None:
         raise DataError("pass --train PATH/train.jsonl (GAIR/lima format), or --demo")
-    if cfg.tokenizer is None and not cfg.demo:
+    if cfg.tokenizer is None:
         raise DataError("pass --tokenizer PATH/tokenizer.model or tokenizer.json (the base "
                         "model's), or --demo")
     if cfg.dev_file is not None and cfg.dev_size:
@@ -164,7 +150,7 @@ def prepare(cfg):
     sources = [x.strip() for x in cfg.sources.split(",") if x.strip()] if cfg.sources else None
 
     # read and check every input before anything is written
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    tokenizer = load_tokenizer(cfg.tokenizer)
     train_conv = read_conversations(cfg.train)
     dev_conv = read_conversations(cfg.dev_file) if cfg.dev_file else None
     test_conv = read_conversations(cfg.test) if cfg.test else None
@@ -198,13 +184,7 @@ def prepare(cfg):
 
     tmp = files.make_temp_dir(out_dir)
     try:
-        if tokenizer is None:  # --demo: a tokenizer made for the demo text, shipped with the data
-            texts = [t for ex in train_conv for t in ex["turns"]]
-            train_demo_tokenizer(texts, os.path.join(tmp, "tokenizer.model"))
-            tokenizer = load_tokenizer(os.path.join(tmp, "tokenizer.model"))
-            tokenizer_path = os.path.join(out_dir, "tokenizer.model")
-        else:
-            tokenizer_path = os.path.abspath(tokenizer.path)  # the file, if a folder was given
+        tokenizer_path = os.path.abspath(tokenizer.path)  # the file, if a folder was given
         enc = {name: encode_examples(exs, tokenizer, cfg.max_len, cfg.train_on_prompt,
                                      desc=f"tokenizing {name}")
                for name, exs in (("train", train), ("dev", dev))}

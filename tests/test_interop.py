@@ -16,6 +16,7 @@ Skipped, with the reason, where a client is not there.
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -53,10 +54,10 @@ def demo_dialogues():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A tiny model on the demo's tokenizer (prepare_data.py --demo's), saved as train.py saves."""
+    """A tiny model on the demo's tokenizer (demo/base's, which prepare_data.py --demo uses),
+    saved as train.py saves."""
     d = tmp_path_factory.mktemp("interop")
-    texts = [t for c in data.read_conversations(DEMO) for t in c["turns"]]
-    prepare_data.train_demo_tokenizer(texts, str(d / "tokenizer.model"))
+    shutil.copyfile(prepare_data.DEMO_TOKENIZER, d / "tokenizer.model")
     tok = load_tokenizer(d / "tokenizer.model")
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,

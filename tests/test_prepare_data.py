@@ -1,5 +1,5 @@
 """prepare_data.py: the token layout and mask of LIMA's chat format (LIMA §3), trimming, the
-dev split, both input formats, the readers, the demo, and every bad input (message + nothing
+dev split, both input formats, the readers, and every bad input (message + nothing
 written). Expected tokens are built by hand from tokenizer.encode, not from encode_dialog."""
 
 import json
@@ -298,42 +298,6 @@ def test_rerun_replaces_output(tmp_path, tiny_tokenizer_path):
     out, _ = prepare(tmp_path, tiny_tokenizer_path, make_rows(20), "--dev_size", "3")
     assert len(data.load_split(out, "train")) == 17 and len(data.load_split(out, "dev")) == 3
     assert sorted(os.listdir(tmp_path)) == ["data", "data.jsonl"]
-
-
-def test_demo_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    meta = pd.main(["--demo", "--out_dir", str(out)])
-    assert "multi_turn" in capsys.readouterr().out
-    assert meta["tokenizer"] == str(out / "tokenizer.model")
-    assert meta["tokenizer_sha256"] == file_sha256(out / "tokenizer.model")
-    tok = load_tokenizer(data.load_meta(out)["tokenizer"])
-    assert meta["eot_id"] == tok.eot_id == pd.DEMO_VOCAB_SIZE
-    train, dev = data.load_split(out, "train"), data.load_split(out, "dev")
-    assert len(train) + len(dev) == 1050 and len(dev) == 50
-    assert meta["splits"]["train"]["sources"]["multi_turn"] > 30
-    assert meta["splits"]["train"]["len_max"] < 128  # short: a CPU model trains on it in minutes
-    tokens, mask = train.example(0)
-    assert tokens[0] == tok.bos_id and tokens[-1] == tok.eot_id and mask[-1]
-    tests = data.read_prompts(out, "test")
-    assert len(tests) == 16 and all(t["reference"] for t in tests)
-    # the demo tokenizer reproduces the demo text exactly (newlines in lists included)
-    text = "Here are three fruits:\n1. apple\n2. pear\n3. plum"
-    assert tok.decode(tok.encode(text)) == text
-    again = pd.main(["--demo", "--out_dir", str(tmp_path / "again")])
-    assert again["tokenizer_sha256"] == meta["tokenizer_sha256"]  # deterministic
-
-
-def test_demo_files_are_make_demo_output():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("make_demo", os.path.join(pd.ROOT, "demo", "make_demo.py"))
-    make_demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_demo)
-    train, test = make_demo.make()
-    assert [json.loads(line) for line in open(pd.DEMO_TRAIN)] == train
-    assert [json.loads(line) for line in open(pd.DEMO_TEST)] == test
-    train_prompts = {tuple(r["conversations"][:k]) for r in train
-                     for k in range(1, len(r["conversations"]), 2)}
-    assert not any(tuple(t["conversations"][:-1]) in train_prompts for t in test)  # held out
 
 
 def test_large_file_is_fast(tmp_path, tiny_tokenizer_path):
