@@ -462,3 +462,18 @@ def test_a_dev_file_of_prompts_is_answered_without_a_dev_loss(tmp_path, tiny_tok
     with pytest.raises(SystemExit):
         prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_file", dev, "--dev_size", "3", name="both")
     assert "pass one" in capsys.readouterr().err
+
+
+def test_the_demo_is_laid_out_as_gair_lima_and_trains_like_the_paper(tmp_path, capsys):
+    # demo/train.jsonl has GAIR/lima's layout: 1,000 single-turn rows and 30 multi_turn chains
+    meta = pd.main(["--demo", "--out_dir", str(tmp_path / "demo")])
+    s = meta["splits"]["train"]
+    assert s["examples"] == 1000 and "multi_turn" not in s["sources"]
+    assert meta["inputs"]["train"]["left_out"] == {"multi_turn": 30} and not meta["dev_carved"]
+    assert meta["inputs"]["dev"]["path"] == pd.DEMO_DEV  # its own dev set, not carved out of train
+    meta = pd.main(["--demo", "--dialogues", "--out_dir", str(tmp_path / "dialogue")])
+    assert meta["splits"]["train"]["examples"] == 1030 and meta["splits"]["train"]["sources"]["multi_turn"] == 30
+    # --dev_size carves instead of taking demo/dev.jsonl (the two are refused together otherwise)
+    meta = pd.main(["--demo", "--dev_size", "20", "--out_dir", str(tmp_path / "carved")])
+    assert meta["dev_carved"] and meta["dev_size"] == 20 and meta["splits"]["train"]["examples"] == 980
+    assert "dev" not in meta["inputs"] and "WARNING" in capsys.readouterr().out
