@@ -15,6 +15,8 @@
       {dev,test}_prompts.jsonl {"id", "source", "line", "turns": [user, ..., user], "reference"}
 - Prompt files for sampling (`read_prompts`) and the generation files sample.py writes and
   evaluate.py reads (`generation_record`, `read_generations`).
+- Dialogues for evaluate.py dialogue (LIMA §6): the user's messages, and a conversation to
+  continue (`read_dialogues`); the responses, one line per assistant turn (`read_dialogue_turns`).
 """
 
 import array
@@ -273,6 +275,37 @@ def read_conversations(path):
     return [dict(turns=turns, source=source, line=n) for n, (turns, source) in rows]
 
 
+DIALOGUE_SOURCE = "multi_turn"  # GAIR/lima's "source" of its 30 dialogue chains (LIMA §6)
+
+
+def select_sources(conversations, sources=None, dialogues=False, where="the training file"):
+    """The rows to train on, chosen by GAIR/lima's "source" field -> (rows, {source: rows left out}).
+
+    - By default every source but multi_turn: LIMA's 1,000 examples (LIMA §2). GAIR/lima's
+      train.jsonl also holds the 30 multi_turn dialogue chains that the paper added only for its
+      separate dialogue model (LIMA §6: 1,030 examples, fine-tuned from the base model).
+    - dialogues: the multi_turn rows too (that dialogue model).
+    - sources: only rows of these sources, e.g. ["stackexchange"] for the ablations of LIMA §5;
+      multi_turn among them, or dialogues, adds the dialogue chains. A source the file does not
+      have is an error that lists the ones it has."""
+    counts = Counter(c["source"] for c in conversations)
+    if sources:
+        unknown = [s for s in sources if s not in counts]
+        if unknown:
+            have = ", ".join(f"{k} ({v:,} rows)" for k, v in sorted(counts.items()))
+            raise DataError(f"{where}: no rows with source {', '.join(map(repr, unknown))}; its "
+                            f"sources are: {have}")
+        keep = set(sources) | ({DIALOGUE_SOURCE} if dialogues else set())
+    else:
+        keep = set(counts) - (set() if dialogues else {DIALOGUE_SOURCE})
+    kept = [c for c in conversations if c["source"] in keep]
+    left_out = dict(sorted(Counter(c["source"] for c in conversations if c["source"] not in keep).items()))
+    if not kept:
+        raise DataError(f"{where}: every row is a {DIALOGUE_SOURCE} dialogue chain, left out by default "
+                        f"(LIMA trains on the single-turn rows); pass --dialogues to train on them")
+    return kept, left_out
+
+
 def answered(conversations):
     """Training needs every user turn answered: a conversation of odd length loses its trailing
     user turn, flagged `dropped`; one that was a lone prompt disappears entirely.
@@ -291,21 +324,30 @@ def answered(conversations):
 def asked(example):
     """What an answered example asks: every turn before its last answer, whitespace aside. Two
     examples that ask the same are one prompt, for keeping dev prompts out of training."""
-    return tuple(" ".join(t.split()) for t in example["turns"][:-1])
+    return asking(example["turns"][:-1])
+
+
+def asking(turns):
+    """A prompt's turns (ending on a user turn), whitespace aside: what `asked` compares."""
+    return tuple(" ".join(t.split()) for t in turns)
 
 
 def carve_dev(examples, dev_size, seed):
-    """The paper's 50-example dev set (LIMA §2) is not public: hold dev_size examples out of
-    train, drawn by a seeded sample, so a seed always gives the same split. Drawn among the
-    examples whose prompt appears once, so no dev prompt is also trained on (in a file without
-    repeated prompts: all of them). Both halves keep file order."""
+    """The paper's 50-example dev set (LIMA §2) was written apart from its 1,000 training
+    examples and is not public; without a dev file, hold dev_size examples out of train, drawn by
+    a seeded sample, so a seed always gives the same split. Drawn among the examples whose prompt
+    appears once, so no dev prompt is also trained on (in a file without repeated prompts: all of
+    them). At most half the examples: a dev set that takes most of the training set leaves
+    nothing worth measuring. Both halves keep file order."""
     counts = Counter(asked(ex) for ex in examples)
     once = [i for i, ex in enumerate(examples) if counts[asked(ex)] == 1]
-    if dev_size < 0 or dev_size > len(once) or dev_size >= len(examples):
-        raise DataError(f"--dev_size {dev_size} must be in [0, {min(len(once), len(examples) - 1)}]: "
-                        f"the training file has {len(examples)} answered conversations, "
-                        f"{len(once)} with a prompt that appears once (dev examples are drawn from "
-                        f"those, and one example at least must stay for training)")
+    most = min(len(once), len(examples) // 2)
+    if dev_size < 0 or dev_size > most:
+        raise DataError(f"--dev_size {dev_size} must be in [0, {most}]: the training rows chosen hold "
+                        f"{len(examples)} answered conversations, {len(once)} with a prompt that "
+                        f"appears once (dev examples are drawn from those), and at least half of "
+                        f"them must stay for training. The paper's way is a dev set of its own: "
+                        f"--dev_file")
     held = {once[i] for i in random.Random(seed).sample(range(len(once)), dev_size)}
     train = [ex for i, ex in enumerate(examples) if i not in held]
     dev = [ex for i, ex in enumerate(examples) if i in held]
@@ -613,3 +655,78 @@ def prompt_key(gid, prompt, by_id):
 def describe(key):
     kind, value = key
     return f"id {value!r}" if kind == "id" else f"prompt {value[:60]!r}"
+
+
+
+# ---- dialogues: evaluate.py dialogue converses (LIMA §6) -----------------------------------------
+
+@dataclass
+class Dialogue:
+    id: object  # the row's "id", else its index in the file
+    source: Optional[str]
+    line: int
+    context: list  # a conversation already had: [user, assistant, ...], even length, maybe empty
+    user: list  # the user's messages to send, one at a time, each answered before the next
+
+
+def _dialogue(row):
+    """One row of a dialogue file -> (id, source, context, user messages)."""
+    user = _check_turns(row["user"], "user") if "user" in row else []
+    turns = conversation_turns(row) if ("conversations" in row or "messages" in row) else []
+    if len(turns) % 2 == 1:  # it ends on the user's message: that is the first to answer
+        turns, user = turns[:-1], [turns[-1]] + list(user)
+    if not user:
+        raise DataError("nothing to answer: give 'user', the user's messages (answered one at a "
+                        "time), and/or a conversation ('conversations' or 'messages') that ends on "
+                        "a user turn")
+    gid = row.get("id")
+    if gid is not None and not isinstance(gid, (str, int)):
+        raise DataError("'id' must be a string or an integer")
+    source = row.get("source")
+    return gid, None if source is None else str(source), turns, user
+
+
+def read_dialogues(path):
+    """A dialogue file -> [Dialogue]. One JSON object per line:
+        {"user": ["first message", "the next", ...]}           the user's side of a conversation
+        {"conversations": [user, assistant, ..., user]}        a conversation to continue
+    or both (the conversation first, then the user's further messages); "id" and "source" are
+    kept when given."""
+    rows = read_jsonl(path, _dialogue)
+    if not rows:
+        raise DataError(f"{path}: no dialogues in this file")
+    dialogues, seen = [], {}
+    for i, (n, (gid, source, context, user)) in enumerate(rows):
+        gid = i if gid is None else gid
+        if gid in seen:
+            raise DataError(f"{path}:{n}: id {gid!r} again (first at line {seen[gid]}); each dialogue "
+                            f"needs its own")
+        seen[gid] = n
+        dialogues.append(Dialogue(gid, source, n, context, user))
+    return dialogues
+
+
+def _dialogue_turn(row):
+    for name, kind in (("dialogue", (str, int)), ("turn", int), ("prompt", str), ("response", str)):
+        if not isinstance(row.get(name), kind) or isinstance(row.get(name), bool):
+            raise DataError(f"'{name}' missing or not {'an integer' if kind is int else 'a string'} "
+                            f"(evaluate.py dialogue writes dialogue, turn, context, prompt, response)")
+    context = row.get("context", [])
+    if not (isinstance(context, list) and all(isinstance(t, str) for t in context)):
+        raise DataError("'context' must be a list of turns (strings)")
+    return row
+
+
+def read_dialogue_turns(path, repair_tail=False):
+    """A file of dialogue responses -> [row], each {"dialogue", "turn" (1-based), "context" (the
+    conversation before the user's message), "prompt" (that message), "response", ...} with
+    "where" (file:line) added. A (dialogue, turn) twice is an error. repair_tail: the file is
+    ours to append to (read_jsonl)."""
+    rows, seen = [], {}
+    for n, row in read_jsonl(path, _dialogue_turn, repair_tail=repair_tail):
+        key = (row["dialogue"], row["turn"])
+        if key in seen:
+            raise DataError(f"{path}:{n}: dialogue {key[0]!r} turn {key[1]} again (first at line {seen[key]})")
+        seen[key] = n
+        rows.append(dict(row, where=f"{path}:{n}"))
+    return rows

@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 
 import checkpoint
+import config
 from model import Transformer
+from tokenizer import load_tokenizer
 
 
 def choose_devices(device, args, dtype, rows, context):
@@ -100,3 +102,23 @@ def load_placed(path, plan, dtype):
                 nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
     model.tie_weights()
     return place_model(model, plan)
+
+
+def load_for_inference(path, tokenizer_path, device="auto", dtype="auto", rows=1, context=2048):
+    """A checkpoint ready to decode: on one device or split over several (choose_devices, for
+    `rows` conversations of up to `context` tokens), in eval mode, with its tokenizer, which must
+    fit its vocabulary and be the one it was trained with. -> (model, tokenizer, devices, dtype).
+    ValueError / FileNotFoundError for what a user can get wrong."""
+    args = checkpoint.load_args(path)
+    probe = config.resolve_dtype(dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    placed = choose_devices(device, args, probe, rows, min(context, args.max_seq_len))
+    dtype = config.resolve_dtype(dtype, placed[0])
+    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer.check_model_vocab(args.vocab_size, path)
+    checkpoint.check_tokenizer(path, tokenizer)  # same size, other pieces: refused
+    if len(placed) == 1:
+        model = checkpoint.load_model(path, dtype=dtype, device=placed[0])
+    else:
+        model = load_placed(path, placement_plan(args, placed), dtype)
+    model.requires_grad_(False).eval()
+    return model, tokenizer, placed, dtype

@@ -202,10 +202,13 @@ def memory_plan(cfg, args, world_size, device, max_len, capacity=None, quiet=Fal
         if plan["total"] > 0.95 * capacity and not cfg.force:
             raise SystemExit(
                 f"the memory plan needs {plan['total'] / 2**30:.1f} GiB per GPU but the GPU has "
-                f"{capacity / 2**30:.1f} GiB. Options: --activation_checkpointing, --param_dtype bfloat16, "
-                f"--cpu_offload, a smaller --micro_batch_tokens, more GPUs (train.py --plan_only lists "
-                f"what fits); or --force to try anyway.")
+                f"{capacity / 2**30:.1f} GiB. Options: {MEMORY_OPTIONS}; or --force to try anyway.")
     return plan
+
+
+# what to change when a run does not fit, as the plan and train.py's memory probe both say it
+MEMORY_OPTIONS = ("--activation_checkpointing, --param_dtype bfloat16, --cpu_offload, a smaller "
+                  "--micro_batch_tokens, more GPUs (train.py --plan_only lists what fits)")
 
 
 DEV_ROWS = 16  # dev prompts decoded together (train.DEV_BATCH)

@@ -1,22 +1,33 @@
-"""Evaluation as in the paper (LIMA §4-5), with no network: pairwise preference between two
-systems' answers to the same prompts, judged by a person or a local judge model; agreement
-between two judges; and the 1-6 helpfulness grade of the ablations. The questions and how a
-verdict is read are in judging.py, the statistics in stats.py, the tables in report.py.
+"""Evaluation as in the paper (LIMA §4-§6): pairwise preference between two systems' answers to
+the same prompts, judged by a person, a judge model or GPT-4; agreement between two judges; the
+1-6 helpfulness grade of the ablations; and the dialogue study, every response of a conversation
+graded fail / pass / excellent. The questions and how a verdict is read are in judging.py, the
+statistics in stats.py, the tables in report.py.
 
     # each system answers the 300 test prompts (LIMA §5 decoding)
     python sample.py --checkpoint out/lima-65b/epoch_07 --prompt_file data/lima/test_prompts.jsonl --out gen_lima.jsonl
     # a person judges, one pair at a time; stop any time (q), rerun the same command to go on
     # (several annotators: --judge_name alice --out alice.jsonl, and so on)
     python evaluate.py pairwise --a gen_lima.jsonl --b gen_base.jsonl --judge human --out human.jsonl
+    # GPT-4, the paper's model judge, over the OpenAI chat-completions protocol (needs `pip install
+    # openai`; OPENAI_API_KEY, and OPENAI_BASE_URL for another server: vLLM, llama.cpp)
+    python evaluate.py pairwise --a gen_lima.jsonl --b gen_base.jsonl --judge openai:gpt-4 --out gpt4.jsonl
     # a local judge model (any checkpoint checkpoint.py reads), asked both A/B orders
     python evaluate.py pairwise --a gen_lima.jsonl --b gen_base.jsonl --judge out/judge \
         --both_orders --out judge.jsonl
-    python evaluate.py report human.jsonl judge.jsonl --chart results.png
-    python evaluate.py agreement human.jsonl judge.jsonl
+    python evaluate.py report human.jsonl gpt4.jsonl --chart results.png
+    python evaluate.py agreement human.jsonl gpt4.jsonl
     # LIMA §5 ablations: 5 samples per prompt (list each prompt 5 times in the prompt file),
-    # each graded 1-6 by a judge model
-    python evaluate.py helpfulness --gen samples_7b.jsonl --judge out/judge --out grades.jsonl
+    # each graded 1-6 by ChatGPT (or a judge model)
+    python evaluate.py helpfulness --gen samples_7b.jsonl --judge openai:gpt-3.5-turbo --out grades.jsonl
     python evaluate.py report grades.jsonl
+    # LIMA §6 dialogue: each model converses through the same dialogues (the user's messages,
+    # answered one at a time in context), and a person grades every response
+    python evaluate.py dialogue --dialogues dialogues.jsonl --checkpoint out/lima-65b/epoch_07 \
+        --gen dialogue_lima.jsonl --judge human --out dialogue_lima_grades.jsonl
+    python evaluate.py dialogue --dialogues dialogues.jsonl --checkpoint out/lima-dialogue-65b/epoch_07 \
+        --gen dialogue_lima_chains.jsonl --judge human --out dialogue_lima_chains_grades.jsonl
+    python evaluate.py report dialogue_lima_grades.jsonl dialogue_lima_chains_grades.jsonl
 
 Inputs are generation files written by `sample.py --prompt_file ... --out` (JSON lines with at
 least "prompt" and "response"; "context" for the earlier turns of a conversation; "id" and
@@ -36,16 +47,23 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
 
+import torch
+
+import checkpoint
 import config
 import data
+import devices
 import files
 from data import Appender, describe, prompt_key
-from judging import (HELPFULNESS_PROMPT, HUMAN_KEYS, LABELS, PAIRWISE_QUESTION, fit_question,
-                     human_view, load_model_judge, pairwise_items, parse_preference, parse_score,
+from generate import DECODING, Decoding, check_chat_model, encode_prompt, respond
+import judging
+from judging import (DIALOGUE_QUESTION, GRADE_KEYS, HELPFULNESS_PROMPT, HUMAN_KEYS, LABELS,
+                     PAIRWISE_QUESTION, JudgeError, fit_question, human_grade_view, human_view,
+                     pairwise_items, parse_grade, parse_preference, parse_score, render_context,
                      shown_answers, undo_order)
-from report import (count_str, format_helpfulness, format_pairwise, helpfulness_title,
-                    judges_of, pct, pairwise_title, png_chart, text_chart)
-from stats import agreement, helpfulness_summary, pairwise_summary
+from report import (count_str, dialogue_title, format_dialogue, format_helpfulness, format_pairwise,
+                    helpfulness_title, judges_of, pct, pairwise_title, png_chart, text_chart, usage_line)
+from stats import agreement, dialogue_summary, helpfulness_summary, pairwise_summary
 from tokenizer import file_sha256
 
 class EvalError(Exception):
@@ -58,38 +76,67 @@ DTYPE_CHOICES = ("auto",) + config.DTYPES
 # ---- configuration: one dataclass per subcommand ----------------------------------------------
 
 @dataclass
-class PairwiseConfig:
+class JudgeConfig:
+    """Who judges, and how a judge model or server is run: what pairwise, helpfulness and
+    dialogue share."""
+    judge: str = field(default="human", metadata={"help": "'human' (you, in this terminal); 'openai:MODEL', a "
+                       "server speaking OpenAI's chat-completions protocol (GPT-4 as in the paper, or a local "
+                       "vLLM or llama.cpp server), reached at OPENAI_BASE_URL with OPENAI_API_KEY; or a "
+                       "checkpoint directory"})
+    judge_name: Optional[str] = field(default=None, metadata={"help": "recorded as 'judge'; default: --judge"})
+    max_new_tokens: int = field(default=256, metadata={"help": "judge's answer length in tokens (a checkpoint: greedy, stops at EOT)", "min": 1})
+    # a checkpoint as the judge (and, in dialogue, the model that converses)
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "judge's tokenizer file (tokenizer.model or tokenizer.json) if not in its directory"})
+    batch_size: int = field(default=8, metadata={"help": "questions per judge forward pass (dialogue: also dialogues decoded together)", "min": 1})
+    device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 on GPU", "choices": DTYPE_CHOICES})
+    # openai:MODEL
+    concurrency: int = field(default=8, metadata={"help": "openai: requests in flight at once", "min": 1})
+    retries: int = field(default=5, metadata={"help": "openai: retries of a rate-limited (429), failed (5xx), timed-out or "
+                         "dropped request, with exponential backoff (the openai client's)", "min": 0})
+    timeout: float = field(default=600.0, metadata={"help": "openai: seconds to wait for one answer", "gt": 0})
+
+
+@dataclass
+class PairwiseConfig(JudgeConfig):
     """LIMA §4: which of two answers better satisfies the need, or neither."""
     a: str = field(default="", metadata={"help": "generations of the system under test (e.g. LIMA)"})
     b: str = field(default="", metadata={"help": "generations of the system it is compared with, same prompts"})
-    judge: str = field(default="human", metadata={"help": "'human' (you, in this terminal) or a checkpoint directory"})
     out: str = field(default="", metadata={"help": "judgements (JSON lines), appended as they are made; rerun to resume"})
     both_orders: bool = field(default=False, metadata={"help": "ask every pair in both A/B orders: cancels position bias"})
     seed: int = field(default=0, metadata={"help": "seeds each prompt's A/B order (recorded)", "min": 0})
-    judge_name: Optional[str] = field(default=None, metadata={"help": "recorded as 'judge'; default: --judge"})
-    # judge model only
-    tokenizer: Optional[str] = field(default=None, metadata={"help": "judge's tokenizer file (tokenizer.model or tokenizer.json) if not in its directory"})
-    max_new_tokens: int = field(default=256, metadata={"help": "judge's answer length (greedy, stops at EOT)", "min": 1})
-    batch_size: int = field(default=8, metadata={"help": "questions per judge forward pass", "min": 1})
-    device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto"})
-    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 on GPU", "choices": DTYPE_CHOICES})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the summary's 95% CIs", "min": 1})
 
 
 @dataclass
-class HelpfulnessConfig:
-    """LIMA §5: each sampled response graded 1-6 by a judge model; mean with a 95% CI."""
-    gen: str = field(default="", metadata={"help": "generations, several samples per prompt allowed"})
-    judge: str = field(default="", metadata={"help": "checkpoint directory of the judge model"})
-    out: str = field(default="", metadata={"help": "grades (JSON lines), appended as they are made; rerun to resume"})
-    judge_name: Optional[str] = field(default=None, metadata={"help": "recorded as 'judge'; default: --judge"})
-    tokenizer: Optional[str] = field(default=None, metadata={"help": "judge's tokenizer file (tokenizer.model or tokenizer.json) if not in its directory"})
+class HelpfulnessConfig(JudgeConfig):
+    """LIMA §5: each sampled response graded 1-6 by a judge model (the paper's: ChatGPT); mean
+    with a 95% CI."""
+    judge: str = field(default="", metadata={"help": "'openai:MODEL' (the paper: ChatGPT, openai:gpt-3.5-turbo) or a "
+                       "checkpoint directory"})
     max_new_tokens: int = field(default=512, metadata={"help": "room for the step-by-step reasoning before the score", "min": 1})
-    batch_size: int = field(default=8, metadata={"help": "questions per judge forward pass", "min": 1})
-    device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto"})
-    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 on GPU", "choices": DTYPE_CHOICES})
+    gen: str = field(default="", metadata={"help": "generations, several samples per prompt allowed"})
+    out: str = field(default="", metadata={"help": "grades (JSON lines), appended as they are made; rerun to resume"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the summary's 95% CIs", "min": 1})
     seed: int = field(default=0, metadata={"help": "bootstrap seed", "min": 0})
+
+
+@dataclass
+class DialogueConfig(JudgeConfig):
+    """LIMA §6: a model converses; each of its responses is graded Fail, Pass or Excellent."""
+    max_new_tokens: int = field(default=512, metadata={"help": "judge's answer length: room for its reasoning before the grade", "min": 1})
+    dialogues: Optional[str] = field(default=None, metadata={"help": "the dialogues, JSON lines: {\"user\": [message, ...]} "
+                                     "(the user's side, answered one message at a time) and/or a conversation to continue "
+                                     "({\"conversations\": [...]} or {\"messages\": [...]}); goes with --checkpoint"})
+    checkpoint: Optional[str] = field(default=None, metadata={"help": "the model that converses (its tokenizer beside it), "
+                                      "with the paper's decoding (LIMA §5); without it, --gen must hold the responses"})
+    gen: str = field(default="", metadata={"help": "the responses, one line per assistant turn, appended as they are made; "
+                     "rerun to resume"})
+    out: str = field(default="", metadata={"help": "grades (JSON lines), appended as they are made; rerun to resume"})
+    seed: Optional[int] = field(default=None, metadata={"help": "decoding seed; default: a fresh one, recorded", "min": 0, "max": 2**63 - 1})
+    max_response_tokens: Optional[int] = field(default=None, metadata={"help": "cap on each response; default: up to the "
+                                               "context (LIMA §5: 2,048 tokens, prompt included)", "min": 1})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples (over dialogues) for the 95% CIs", "min": 1})
 
 
 @dataclass
@@ -172,15 +219,14 @@ def same_file(a, b):
 
 # ---- judgement files: appended and fsynced one record at a time (data.Appender) --------------
 
-def check_out(out, *inputs):
-    """--out is appended to: it must be a file, and not one of the inputs."""
+def check_out(out, *inputs, flag="--out"):
+    """An output we append to must be a file, and not one of the inputs."""
     if os.path.isdir(out):
-        raise EvalError(f"--out {out} is a directory; give a file name, e.g. "
+        raise EvalError(f"{flag} {out} is a directory; give a file name, e.g. "
                         f"{os.path.join(out, 'judgements.jsonl')}")
     for path in inputs:
         if _samefile(out, path):
-            raise EvalError(f"--out {out} is also an input ({path}); judgements go to a file of "
-                            f"their own")
+            raise EvalError(f"{flag} {out} is also an input ({path}); it needs a file of its own")
 
 
 def read_previous(path, expect, what):
@@ -198,11 +244,19 @@ def read_previous(path, expect, what):
 
 
 def load_judge(cfg):
+    """The judge --judge names: a server (openai:MODEL) or a checkpoint."""
     try:
-        return load_model_judge(cfg.judge, cfg.tokenizer, cfg.device, cfg.dtype,
-                                cfg.max_new_tokens, cfg.batch_size)
+        return judging.load_judge(cfg.judge, tokenizer=cfg.tokenizer, device=cfg.device, dtype=cfg.dtype,
+                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                  concurrency=cfg.concurrency, retries=cfg.retries, timeout=cfg.timeout)
     except (FileNotFoundError, ValueError) as e:  # checkpoint.py's user-facing messages
         raise EvalError(str(e)) from None
+
+
+def reply_fields(raw, trimmed):
+    """What a judgement records besides the answer and the verdict: what an API judge's server
+    reported about the answer (token usage, ...), and whether answers were trimmed to fit."""
+    return {**getattr(raw, "meta", {}), **({"trimmed": True} if trimmed else {})}
 
 
 def _basename(path):
@@ -211,10 +265,12 @@ def _basename(path):
 
 def judge_name(cfg):
     """Who judged, as recorded: --judge_name (e.g. one per annotator), else 'human' or the
-    checkpoint path. A resumed run must name the same judge."""
+    server's model (openai:MODEL) or the checkpoint path. A resumed run must name the same judge."""
     if cfg.judge_name:
         return cfg.judge_name
-    return cfg.judge if cfg.judge in ("human", "") else os.path.normpath(cfg.judge)
+    if cfg.judge in ("human", "") or cfg.judge.startswith(judging.OPENAI):
+        return cfg.judge
+    return os.path.normpath(cfg.judge)
 
 
 # ---- pairwise ---------------------------------------------------------------------------------
@@ -277,9 +333,9 @@ def _human_session(todo, total, out, meta, ask, show):
     show(f"\nall {total} pairs judged; saved in {out.path}")
 
 
-def _progress(total, desc):
+def _progress(total, desc, unit="q"):
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
 
 def _model_session(todo, judge, out, meta):
@@ -295,8 +351,7 @@ def _model_session(todo, judge, out, meta):
             for (pair, order), (_, trimmed), raw in zip(batch, fitted, raws):
                 label = undo_order(parse_preference(raw), order)
                 bad += label is None
-                extra = {"trimmed": True} if trimmed else {}
-                out.write(_pair_record(pair, order, raw, label, meta, **extra))
+                out.write(_pair_record(pair, order, str(raw), label, meta, **reply_fields(raw, trimmed)))
             bar.update(len(batch))
             bar.set_postfix(unparseable=bad)
 
@@ -325,6 +380,9 @@ def run_helpfulness(cfg, judge=None):
     for name in ("gen", "judge", "out"):
         if not getattr(cfg, name):
             raise EvalError(f"--{name} is required")
+    if cfg.judge == "human":
+        raise EvalError("helpfulness is graded by a judge model (LIMA §5: ChatGPT): --judge openai:MODEL "
+                        "or a checkpoint directory")
     check_out(cfg.out, cfg.gen)
     with files.lock(cfg.out):  # one session per --out; a second is refused while it runs
         return _run_helpfulness(cfg, judge)
@@ -353,8 +411,8 @@ def _run_helpfulness(cfg, judge):
                 score = parse_score(raw)
                 bad += score is None
                 out.write({"id": g.id if by_id else None, "source": g.source, "prompt": g.prompt,
-                           "sample": sample, "raw": raw, "score": score, **meta,
-                           **({"trimmed": True} if trimmed else {})})
+                           "sample": sample, "raw": str(raw), "score": score, **meta,
+                           **reply_fields(raw, trimmed)})
             bar.update(len(batch))
             bar.set_postfix(unparseable=bad)
     finally:
@@ -363,43 +421,261 @@ def _run_helpfulness(cfg, judge):
     return read_previous(cfg.out, meta, "grades")
 
 
+# ---- dialogue (LIMA §6) -------------------------------------------------------------------------
+# The paper's authors held live conversations with LIMA and graded every response Fail, Pass or
+# Excellent. Here the user's side is scripted in a file, so the same dialogues can be put to every
+# model: each user message is answered in the context of the conversation so far, the model's own
+# earlier answers included (converse), then every response is graded (grade_dialogues).
+
+DECODING_SKIP_IN_RESUME_CHECK = ("seed", "dialogues")  # a resumed run may draw anew, the file may move
+
+
+def run_dialogue(cfg, judge=None, ask=input, show=print):
+    """Converse (with --checkpoint) into cfg.gen, then grade every response not yet in cfg.out.
+    judge: None loads cfg.judge (a person when it is 'human'), or a callable questions -> texts.
+    Returns all grades in cfg.out."""
+    for name in ("gen", "out"):
+        if not getattr(cfg, name):
+            raise EvalError(f"--{name} is required")
+    if bool(cfg.checkpoint) != bool(cfg.dialogues):
+        raise EvalError("--checkpoint (the model that converses) and --dialogues (what the user says) go "
+                        "together; without them, --gen must hold the responses already")
+    check_out(cfg.out, cfg.gen, *([cfg.dialogues] if cfg.dialogues else []))
+    if cfg.checkpoint:
+        check_out(cfg.gen, cfg.dialogues, flag="--gen")
+        with files.lock(cfg.gen):  # one conversing run per --gen
+            converse(cfg)
+    elif not os.path.isfile(cfg.gen):
+        raise EvalError(f"--gen {cfg.gen}: no such file; pass --checkpoint and --dialogues to make it")
+    with files.lock(cfg.out):  # one grading session per --out
+        return grade_dialogues(cfg, judge, ask, show)
+
+
+def dialogue_settings(cfg, seed):
+    return {**{k: getattr(Decoding, k) for k in DECODING}, "max_new_tokens": cfg.max_response_tokens,
+            "seed": seed, "checkpoint": os.path.abspath(cfg.checkpoint), "dialogues": os.path.abspath(cfg.dialogues)}
+
+
+def conversation(dialogue, answers):
+    """The turns before the user's next message: the conversation given, then each user message
+    with the model's answer to it."""
+    turns = list(dialogue.context)
+    for message, answer in zip(dialogue.user, answers):
+        turns += [message, answer]
+    return turns
+
+
+def answered_turns(path, dialogues, settings):
+    """The responses already in --gen, per dialogue, checked against the dialogues and settings of
+    this run (a line made otherwise is refused, not continued). -> {dialogue id: [responses]}"""
+    answers = {d.id: [] for d in dialogues}
+    if not os.path.exists(path):
+        return answers
+    ours = {k: v for k, v in settings.items() if k not in DECODING_SKIP_IN_RESUME_CHECK}
+    by_id, found = {d.id: d for d in dialogues}, defaultdict(dict)
+    for row in data.read_dialogue_turns(path, repair_tail=True):
+        recorded = row.get("settings") if isinstance(row.get("settings"), dict) else {}
+        theirs = {k: v for k, v in recorded.items() if k not in DECODING_SKIP_IN_RESUME_CHECK}
+        if theirs != ours:
+            diff = {k: (theirs.get(k), ours.get(k)) for k in theirs.keys() | ours.keys()
+                    if theirs.get(k) != ours.get(k)}
+            raise EvalError(f"{row['where']}: made with other settings (theirs, ours): {diff}; write to another --gen")
+        d = by_id.get(row["dialogue"])
+        k = row["turn"]
+        if d is None or not 1 <= k <= len(d.user) or row["prompt"] != d.user[k - 1]:
+            raise EvalError(f"{row['where']}: dialogue {row['dialogue']!r} turn {k} is not in {settings['dialogues']} "
+                            f"as it is now (another dialogue file, or an edited one); write to another --gen")
+        found[d.id][k] = row
+    for d in dialogues:
+        rows = found.get(d.id, {})
+        for k in range(1, len(rows) + 1):
+            if k not in rows:
+                raise EvalError(f"{path}: dialogue {d.id!r} has turn {max(rows)} but no turn {k}; write to "
+                                f"another --gen")
+            if rows[k]["context"] != conversation(d, answers[d.id]):
+                raise EvalError(f"{rows[k]['where']}: its context is not the conversation of the lines before it; "
+                                f"write to another --gen")
+            answers[d.id].append(rows[k]["response"])
+    return answers
+
+
+def fit_context(tokenizer, turns, context):
+    """Drop the oldest exchanges until the conversation leaves room to answer (as sample.py's
+    chat does; the paper is silent). -> (turns the model sees, number of turns dropped)"""
+    dropped = 0
+    while len(turns) > 1 and len(encode_prompt(tokenizer, turns)) >= context:
+        turns, dropped = turns[2:], dropped + 2
+    return turns, dropped
+
+
+def converse(cfg):
+    """Every user message of every dialogue answered in context with the paper's decoding (LIMA
+    §5), into cfg.gen, one line per assistant turn as it is made. Dialogues advance together: a
+    round answers the next message of each unfinished one, in batches."""
+    dialogues = data.read_dialogues(cfg.dialogues)
+    seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
+    settings = dialogue_settings(cfg, seed)
+    answers = answered_turns(cfg.gen, dialogues, settings)
+    total, done = sum(len(d.user) for d in dialogues), sum(map(len, answers.values()))
+    print(f"{len(dialogues)} dialogues, {total} user messages; {done} already answered in {cfg.gen}, "
+          f"{total - done} to go", file=sys.stderr)
+    if done == total:
+        return
+    tokenizer_path = checkpoint.find_tokenizer(cfg.checkpoint)
+    if tokenizer_path is None:
+        raise EvalError(f"--checkpoint {cfg.checkpoint}: no tokenizer.model or tokenizer.json in it or its parent")
+    try:
+        model, tokenizer, _, _ = devices.load_for_inference(cfg.checkpoint, tokenizer_path, cfg.device, cfg.dtype,
+                                                            cfg.batch_size, Decoding.max_seq_len)
+        check_chat_model(model, tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise EvalError(str(e)) from None
+    context = min(Decoding.max_seq_len, model.args.max_seq_len)
+    for d in dialogues:  # a message that alone fills the context is refused before any work
+        for k, message in enumerate(d.user, 1):
+            if len(encode_prompt(tokenizer, [message])) >= context:
+                raise EvalError(f"{cfg.dialogues}:{d.line}: message {k} alone fills the {context}-token context")
+    print(f"seed {seed}", file=sys.stderr)
+    generator = torch.Generator(model.output.weight.device).manual_seed(seed)
+    decoding = {k: settings[k] for k in DECODING}
+    with Appender(cfg.gen) as out, _progress(total, "conversing", unit="turn") as bar:
+        bar.update(done)
+        while True:
+            pending = [d for d in dialogues if len(answers[d.id]) < len(d.user)]
+            if not pending:
+                break
+            for i in range(0, len(pending), cfg.batch_size):
+                batch = pending[i:i + cfg.batch_size]
+                shown = [fit_context(tokenizer, conversation(d, answers[d.id]) + [d.user[len(answers[d.id])]], context)
+                         for d in batch]
+                responses = respond(model, tokenizer, [turns for turns, _ in shown], batch_size=cfg.batch_size,
+                                    generator=generator, **decoding)
+                for d, (_, dropped), response in zip(batch, shown, responses):
+                    k = len(answers[d.id])
+                    out.write({"dialogue": d.id, "turn": k + 1, "source": d.source, "line": d.line,
+                               "context": conversation(d, answers[d.id]), "prompt": d.user[k],
+                               "response": response, "settings": settings,
+                               **({"dropped_turns": dropped} if dropped else {})})
+                    answers[d.id].append(response)
+                bar.update(len(batch))
+    model.clear_cache()
+
+
+def grade_dialogues(cfg, judge, ask, show):
+    turns = data.read_dialogue_turns(cfg.gen)
+    if not turns:
+        raise EvalError(f"{cfg.gen}: no responses to grade")
+    meta = {"judge": judge_name(cfg), "gen": _basename(cfg.gen)}
+    previous = read_previous(cfg.out, meta, "grades")
+    done = {(r.get("dialogue"), r.get("turn")) for r in previous}
+    # one conversation at a time, turn by turn, as its user read it (the file is in rounds)
+    first = {}
+    for t in turns:
+        first.setdefault(t["dialogue"], len(first))
+    todo = sorted((t for t in turns if (t["dialogue"], t["turn"]) not in done),
+                  key=lambda t: (first[t["dialogue"]], t["turn"]))
+    print(f"{len(turns)} responses to grade; {len(turns) - len(todo)} already in {cfg.out}, "
+          f"{len(todo)} to go", file=sys.stderr)
+    out = Appender(cfg.out)
+    try:
+        if judge is None and cfg.judge == "human":
+            _human_grading(todo, len(turns), out, meta, ask, show)
+        elif todo:
+            _model_grading(todo, judge or load_judge(cfg), out, meta)
+    finally:
+        out.close()
+    return read_previous(cfg.out, meta, "grades")
+
+
+def _grade_record(turn, raw, grade, meta, **extra):
+    return {"dialogue": turn["dialogue"], "turn": turn["turn"], "source": turn.get("source"),
+            "prompt": turn["prompt"], "raw": raw, "grade": grade, **meta, **extra}
+
+
+def _human_grading(todo, total, out, meta, ask, show):
+    done = total - len(todo)
+    for turn in todo:
+        show(human_grade_view(turn, f"{done + 1}/{total}"))
+        while True:
+            try:
+                key = ask("grade (f/p/e/s/q) > ").strip().lower()
+            except (EOFError, KeyboardInterrupt):
+                key = "q"
+            if key in GRADE_KEYS or key == "q":
+                break
+            show("please type f, p, e, s or q, then Enter")
+        if key == "q":
+            show(f"\nstopped at {done}/{total}; every grade is saved in {out.path}. "
+                 f"Run the same command to go on from here.")
+            return
+        out.write(_grade_record(turn, key, GRADE_KEYS[key], meta))
+        done += 1
+    show(f"\nall {total} responses graded; saved in {out.path}")
+
+
+def _model_grading(todo, judge, out, meta):
+    bs = max(getattr(judge, "batch_size", 8), 1)
+    bad = 0
+    with _progress(len(todo), "grading") as bar:
+        for i in range(0, len(todo), bs):
+            batch = todo[i:i + bs]
+            fitted = [fit_question(partial(DIALOGUE_QUESTION.format, context=render_context(t["context"]),
+                                           prompt=t["prompt"]), judge, response=t["response"]) for t in batch]
+            raws = judge([q for q, _ in fitted])
+            for turn, (_, trimmed), raw in zip(batch, fitted, raws):
+                grade = parse_grade(raw)
+                bad += grade is None
+                out.write(_grade_record(turn, str(raw), grade, meta, **reply_fields(raw, trimmed)))
+            bar.update(len(batch))
+            bar.set_postfix(unparseable=bad)
+
+
 # ---- report -----------------------------------------------------------------------------------
+
+RESULT_KINDS = {"label": "pairwise", "score": "helpfulness", "grade": "dialogue"}  # the field that tells
+
 
 def read_results(path):
     """A judgement or grade file -> (kind, records)."""
     rows = data.read_jsonl(path)
     if not rows:
         raise EvalError(f"{path}: empty")
+    kinds = set()
     for n, row in rows:
-        if "label" not in row and "score" not in row:
-            raise EvalError(f"{path}:{n}: neither a judgement ('label') nor a grade ('score'); "
-                            f"report reads the --out files of pairwise and helpfulness")
-    kinds = {"pairwise" if "label" in row else "helpfulness" for _, row in rows}
+        kind = next((k for field_, k in RESULT_KINDS.items() if field_ in row), None)
+        if kind is None:
+            raise EvalError(f"{path}:{n}: neither a judgement ('label') nor a grade ('score', 'grade'); "
+                            f"report reads the --out files of pairwise, helpfulness and dialogue")
+        kinds.add(kind)
     if len(kinds) > 1:
-        raise EvalError(f"{path}: mixes pairwise judgements and helpfulness grades")
+        raise EvalError(f"{path}: mixes {' and '.join(sorted(kinds))} results")
     return kinds.pop(), [row for _, row in rows]
 
 
 def run_report(cfg, paths):
-    pairwise_rows, helpful_rows, blocks = [], [], []
+    rows, blocks = {"pairwise": [], "helpfulness": [], "dialogue": []}, []
     for path in paths:
         kind, records = read_results(path)
         if kind == "pairwise":
             s = pairwise_summary(records, cfg.bootstrap, cfg.seed)
-            blocks.append(format_pairwise(s, pairwise_title(records, path)))
-            if s["all"]:
-                name = f"{records[0].get('a')} vs {records[0].get('b')} ({judges_of(records)})"
-                pairwise_rows.append((name, s))
-        else:
+            block = format_pairwise(s, pairwise_title(records, path))
+            name = f"{records[0].get('a')} vs {records[0].get('b')} ({judges_of(records)})"
+        elif kind == "helpfulness":
             s = helpfulness_summary(records, cfg.bootstrap, cfg.seed)
-            blocks.append(format_helpfulness(s, helpfulness_title(records, path)))
-            if s["all"]:
-                helpful_rows.append((f"{records[0].get('gen')} ({judges_of(records)})", s))
+            block = format_helpfulness(s, helpfulness_title(records, path))
+            name = f"{records[0].get('gen')} ({judges_of(records)})"
+        else:
+            s = dialogue_summary(records, cfg.bootstrap, cfg.seed)
+            block = format_dialogue(s, dialogue_title(records, path))
+            name = f"{records[0].get('gen')} ({judges_of(records)})"
+        blocks.append("\n".join(x for x in (block, usage_line(records)) if x))
+        if s["all"]:
+            rows[kind].append((name, s))
     print("\n\n".join(blocks))
-    if pairwise_rows or helpful_rows:
-        print("\n" + text_chart(pairwise_rows, helpful_rows))
+    if any(rows.values()):
+        print("\n" + text_chart(rows["pairwise"], rows["helpfulness"], rows["dialogue"]))
     if cfg.chart:
-        if png_chart(cfg.chart, pairwise_rows, helpful_rows):
+        if png_chart(cfg.chart, rows["pairwise"], rows["helpfulness"], rows["dialogue"]):
             print(f"\nchart: {cfg.chart}")
         else:
             print(f"\nno PNG written to {cfg.chart}: matplotlib is not installed (optional); "
@@ -436,6 +712,7 @@ def run_agreement(cfg, paths):
 COMMANDS = {  # name: (config class, positional files (nargs), what it does)
     "pairwise": (PairwiseConfig, None, "judge two generation files pairwise (LIMA §4)"),
     "helpfulness": (HelpfulnessConfig, None, "grade responses 1-6 with a judge model (LIMA §5)"),
+    "dialogue": (DialogueConfig, None, "converse, and grade every response fail / pass / excellent (LIMA §6)"),
     "report": (ReportConfig, "+", "tables and a chart of judgement / grade files"),
     "agreement": (AgreementConfig, 2, "agreement of two judgement files (LIMA §4)"),
 }
@@ -458,7 +735,7 @@ def main(argv=None):
     parser.prog = f"evaluate.py {command}"
     if nargs:
         parser.add_argument("files", nargs=nargs,
-                            help="judgement / grade files (the --out of pairwise, helpfulness)")
+                            help="judgement / grade files (the --out of pairwise, helpfulness, dialogue)")
     ns = vars(parser.parse_args(rest))
     inputs = ns.pop("files", None)
     cfg = cls(**ns)
@@ -477,17 +754,22 @@ def main(argv=None):
             if records:
                 s = helpfulness_summary(records, cfg.bootstrap, cfg.seed)
                 print(format_helpfulness(s, helpfulness_title(records, cfg.out)))
+        elif command == "dialogue":
+            records = run_dialogue(cfg)
+            if records:
+                s = dialogue_summary(records, cfg.bootstrap)
+                print(format_dialogue(s, dialogue_title(records, cfg.out)))
         elif command == "report":
             run_report(cfg, inputs)
         else:
             run_agreement(cfg, inputs)
-    except (EvalError, data.DataError, OSError) as e:
-        # bad files or flags, a full or read-only disk, another session on the same --out
-        out = getattr(cfg, "out", None)
-        kept = (isinstance(e, OSError) and not isinstance(e, (files.LockedError, FileNotFoundError))
-                and out and os.path.isfile(out))
-        print(f"evaluate.py {command}: error: {e}" + (f". Every judgement made before is kept in "
-              f"{out}; rerun the same command to continue." if kept else ""), file=sys.stderr)
+    except (EvalError, JudgeError, data.DataError, OSError) as e:
+        # bad files or flags, a judge server that cannot be reached or refuses, a full or
+        # read-only disk, another session on the same --out
+        midway = isinstance(e, JudgeError) or (isinstance(e, OSError) and not isinstance(
+            e, (files.LockedError, FileNotFoundError)))
+        print(f"evaluate.py {command}: error: {e}" + (kept_note(command, cfg) if midway else ""),
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\n" + interrupted(command, cfg, argv), file=sys.stderr)
@@ -495,18 +777,34 @@ def main(argv=None):
     return 0
 
 
+def _count(path):
+    try:
+        return len(data.read_jsonl(path)) if os.path.isfile(path) else 0
+    except (data.DataError, OSError):
+        return "every finished"
+
+
+def kept_note(command, cfg):
+    """For an error mid-session: where what was made is kept ("" when nothing was)."""
+    outputs = ([cfg.gen] if command == "dialogue" and cfg.checkpoint else []) + [cfg.out]
+    outputs = [p for p in outputs if p and os.path.isfile(p)]
+    if not outputs:
+        return ""
+    what = "response and grade" if len(outputs) > 1 else "judgement"
+    return (f". Every {what} made before is kept in {' and '.join(outputs)}; rerun the same command to "
+            f"continue.")
+
+
 def interrupted(command, cfg, argv):
     """One line for Ctrl-C: what was kept, and the command that continues."""
     out = getattr(cfg, "out", None)
     if not out:  # report, agreement: they only read
         return f"evaluate.py {command}: interrupted; nothing was written"
-    try:
-        kept = len(data.read_jsonl(out)) if os.path.isfile(out) else 0
-    except (data.DataError, OSError):
-        kept = "every finished"
     what = "judgements" if command == "pairwise" else "grades"
-    return (f"evaluate.py {command}: interrupted; {kept} {what} are saved in {out}. To continue: "
-            f"python evaluate.py {shlex.join(argv)}")
+    also = (f" ({_count(cfg.gen)} responses are saved in {cfg.gen})"
+            if command == "dialogue" and cfg.checkpoint else "")
+    return (f"evaluate.py {command}: interrupted; {_count(out)} {what} are saved in {out}{also}. To "
+            f"continue: python evaluate.py {shlex.join(argv)}")
 
 
 if __name__ == "__main__":

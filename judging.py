@@ -1,14 +1,19 @@
 """The paper's judges: the questions put to people and to judge models, and how an answer is
-read back into a verdict (LIMA §4, §5, Appendices C and D).
+read back into a verdict (LIMA §4, §5, §6, Appendices C and D).
 
 A judge is any callable: list of question texts -> list of answer texts. Tests script one;
-ModelJudge runs a local LIMA-format checkpoint. A judge may also offer `budget`, `n_tokens` and
-`trim`, so answers too long for its context are cut (keeping their start) instead of failing.
+ModelJudge runs a local LIMA-format checkpoint; APIJudge asks a model over the OpenAI
+chat-completions protocol (GPT-4 and ChatGPT, the paper's judges, or a local vLLM or llama.cpp
+server). A judge may also offer `budget`, `n_tokens` and `trim`, so answers too long for its
+context are cut (keeping their start) instead of failing, and `batch_size`, the questions it
+takes at a time. An answer may be a Reply, a str that also carries what the server reported
+(`meta`: token usage), which is recorded with the judgement.
 """
 
 import os
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import checkpoint
 import config
@@ -45,6 +50,30 @@ HELPFULNESS_PROMPT = """You are evaluating a response that has been submitted fo
 ***
 [END DATA]
 Does the submission meet the criterion? First, write out in a step by step manner your reasoning about the criterion to be sure that your conclusion is correct. Avoid simply stating the correct answers at the outset. Then print the choice only from "1, 2, 3, 4, 5, 6" (without quotes or punctuation) on its own line corresponding to the correct answer. At the end, repeat just the selected choice again by itself on a new line."""
+
+# LIMA §6 grades every response of its dialogues Fail, Pass or Excellent, the three grades its
+# §4.3 analysis defines: the response did not meet the requirements of the prompt; met them; was
+# an excellent response to the prompt. The paper gives no judge prompt for this grading: this one
+# is ours. It states the three grades in those words and, as the paper's helpfulness prompt
+# (Appendix D) does, asks for reasoning first and the grade alone on the last line.
+DIALOGUE_QUESTION = """You are grading one response of an AI assistant in a conversation with a user. Below is the data:
+[BEGIN DATA]
+***
+[Conversation so far]:
+{context}
+***
+[User]: {prompt}
+***
+[Response]: {response}
+***
+[END DATA]
+Grade the response, in the context of the conversation, with one of three grades:
+Fail: the response does not meet the requirements of the user's message.
+Pass: the response meets the requirements of the user's message.
+Excellent: the response is an excellent response to the user's message.
+First, write out in a step by step manner your reasoning about the grade. Then print the grade only, Fail, Pass or Excellent, on its own line at the end."""
+
+NO_CONTEXT = "(none: this is the user's first message)"
 
 LABELS = ("a", "tie", "b")  # in terms of the files; "skip" (a person passed) and None (unparseable) are not outcomes
 
@@ -84,6 +113,27 @@ def parse_score(text):
     m = re.fullmatch(r"[\W_]*(?:(?:score|rating|choice|answer|helpfulness)\s*[:=]?\s*)?([1-6])"
                      r"(?:\s*(?:/|out of)\s*6)?[\W_]*", lines[-1].strip(), re.IGNORECASE)
     return int(m.group(1)) if m else None
+
+
+GRADES = ("fail", "pass", "excellent")  # LIMA §6, worst first; "skip" and None are not grades
+
+
+def parse_grade(text):
+    """The judge's text -> "fail", "pass", "excellent", or None: the grade alone on the last
+    line, as the dialogue question asks (case, markdown, quotes, a "Grade:" label and a full stop
+    aside). A grade anywhere else is not read: reasoning often names all three."""
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        return None
+    m = re.fullmatch(r"[\W_]*(?:grade\s*[:=]?\s*)?(fail|pass|excellent)[\W_]*", lines[-1].strip(), re.IGNORECASE)
+    return m.group(1).lower() if m else None
+
+
+def render_context(turns):
+    """The turns of a conversation before the user's message, each with its role."""
+    if not turns:
+        return NO_CONTEXT
+    return "\n\n".join(f"{'User' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns))
 
 
 def undo_order(shown, order):
@@ -128,6 +178,24 @@ def human_view(pair, order, progress):
                      ["  [s] skip this pair   [q] save and quit (rerun the same command to go on)"])
 
 
+GRADE_KEYS = {"f": "fail", "p": "pass", "e": "excellent", "s": "skip"}
+
+
+def human_grade_view(turn, progress):
+    """One response of a dialogue laid out for a person to grade: the conversation so far, the
+    user's message, the response, and the three grades keyed f / p / e (LIMA §6)."""
+    where = " | ".join(x for x in (f"dialogue {turn['dialogue']}, turn {turn['turn']}",
+                                   turn.get("source") and f"source {turn['source']}") if x)
+    rule = "-" * 30
+    definitions = DIALOGUE_QUESTION.split("one of three grades:\n")[1].splitlines()[:3]
+    return "\n".join([f"\n{'=' * 30} {progress} {where} {'=' * 30}", "The conversation so far:",
+                      render_context(turn["context"]), "", f"User: {turn['prompt']}", "",
+                      f"{rule} Response {rule}", turn["response"], "",
+                      "Grade the response, in the context of the conversation:"] +
+                     [f"  [{line[0].lower()}] {line}" for line in definitions] +
+                     ["  [s] skip this response   [q] save and quit (rerun the same command to go on)"])
+
+
 # ---- judge models ------------------------------------------------------------------------------
 
 TOO_LONG = "[not asked: the question does not fit the judge's context]"
@@ -169,7 +237,7 @@ def load_model_judge(path, tokenizer=None, device="auto", dtype="auto", max_new_
     """A fine-tuned checkpoint as a ModelJudge; ValueError / FileNotFoundError with a message
     for anything a user can get wrong."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--judge {path}: not 'human' and no checkpoint there")
+        raise FileNotFoundError(f"--judge {path}: not 'human', not 'openai:MODEL', and no checkpoint there")
     device = config.resolve_device(device)
     model, tok = checkpoint.load_model_and_tokenizer(
         path, tokenizer_path=tokenizer, dtype=config.resolve_dtype(dtype, device), device=device)
@@ -178,6 +246,123 @@ def load_model_judge(path, tokenizer=None, device="auto", dtype="auto", max_new_
                          f"in LIMA's chat format, so it must be a fine-tuned checkpoint")
     model.requires_grad_(False).eval()
     return ModelJudge(model, tok, max_new_tokens, batch_size)
+
+
+class JudgeError(Exception):
+    """A judge that cannot be reached or refuses to judge: one message, what to do."""
+
+
+class Reply(str):
+    """A judge's answer text, with what the server reported about it in `meta` (token usage, the
+    model that answered), recorded with the judgement."""
+
+    def __new__(cls, text, meta=None):
+        reply = super().__new__(cls, text)
+        reply.meta = meta or {}
+        return reply
+
+
+OPENAI = "openai:"  # --judge openai:MODEL
+
+
+class APIJudge:
+    """A judge reached over the OpenAI chat-completions protocol: GPT-4, as in the paper's
+    pairwise study (LIMA §4), ChatGPT as in its ablations (§5), or any server speaking the same
+    protocol (vLLM, llama.cpp's server). The official `openai` client does the talking and reads
+    the server and the key as it always does: OPENAI_BASE_URL (default
+    https://api.openai.com/v1) and OPENAI_API_KEY. It retries rate limits (429), server errors
+    (5xx), timeouts and dropped connections `retries` times with exponential backoff, honouring
+    the server's Retry-After. Each question is one user message, answered at temperature 0 (a
+    judge should be repeatable, not creative); `concurrency` questions are in flight at once."""
+
+    def __init__(self, model, max_tokens=256, concurrency=8, retries=5, timeout=600.0):
+        try:
+            import openai
+        except ImportError:
+            raise JudgeError("--judge openai:MODEL needs the openai package, the official client of "
+                             "the chat-completions protocol (optional for this project): "
+                             "pip install openai") from None
+        if not model:
+            raise JudgeError("--judge openai:MODEL: name the model, e.g. openai:gpt-4")
+        self.openai, self.model, self.max_tokens = openai, model, max_tokens
+        self.concurrency = self.batch_size = concurrency
+        self.retries = retries
+        try:
+            self.client = openai.OpenAI(max_retries=retries, timeout=timeout)
+        except openai.OpenAIError as e:  # no key in the environment
+            raise JudgeError(f"--judge {OPENAI}{model}: {e} A local server that checks no key takes "
+                             f"any value (OPENAI_API_KEY=EMPTY).") from None
+        self.base_url = str(self.client.base_url).rstrip("/")
+        self.limit = "max_tokens"  # servers that refuse it (OpenAI's reasoning models) get the other
+
+    def ask(self, question):
+        o = self.openai
+        try:
+            r = self.client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": question}], temperature=0,
+                **{self.limit: self.max_tokens})
+        except o.BadRequestError as e:
+            message = _server_message(e)
+            if self.limit == "max_tokens" and "max_completion_tokens" in message:
+                self.limit = "max_completion_tokens"
+                return self.ask(question)
+            if re.search(r"context[ _](length|size|window)|too long|too many tokens|maximum.*length", message,
+                         re.IGNORECASE):
+                # one question too long for the judge: counted as not asked, as ModelJudge does
+                return Reply(TOO_LONG, {"refused": message})
+            raise JudgeError(f"{self.base_url} refused the request (HTTP 400: {message})") from None
+        except (o.AuthenticationError, o.PermissionDeniedError) as e:
+            raise JudgeError(f"{self.base_url} refused the key (HTTP {e.status_code}: {_server_message(e)}); "
+                             f"set OPENAI_API_KEY to a key it accepts") from None
+        except o.NotFoundError as e:
+            raise JudgeError(f"{self.base_url}: no model {self.model!r} there (HTTP 404: {_server_message(e)}); "
+                             f"check --judge {OPENAI}MODEL and OPENAI_BASE_URL") from None
+        except o.APIConnectionError as e:  # timeouts included, after the retries
+            raise JudgeError(f"cannot reach the judge server at {self.base_url} ({e.__class__.__name__}: "
+                             f"{e}; tried {self.retries + 1} times): is it running? OPENAI_BASE_URL "
+                             f"says where it is") from None
+        except o.RateLimitError as e:
+            raise JudgeError(f"{self.base_url} is still rate-limiting after {self.retries} retries (HTTP 429: "
+                             f"{_server_message(e)}); lower --concurrency, raise --retries, or try later") from None
+        except o.APIStatusError as e:
+            raise JudgeError(f"{self.base_url} failed (HTTP {e.status_code}: {_server_message(e)}) "
+                             f"after {self.retries} retries") from None
+        choice = r.choices[0] if r.choices else None
+        text = (choice.message.content if choice is not None else None) or ""
+        usage = ({"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens}
+                 if r.usage is not None else None)
+        return Reply(text, {"usage": usage, "served_by": r.model,
+                            "finish_reason": choice.finish_reason if choice is not None else None})
+
+    def __call__(self, questions):
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        try:
+            replies = list(pool.map(self.ask, questions))
+        except BaseException:  # an error or Ctrl-C: the questions not yet sent are not sent
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        return replies
+
+
+def _server_message(error):
+    """What the server said, from its JSON error body when it sent one."""
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if isinstance(inner, str):
+            return inner
+    return str(getattr(error, "message", error))
+
+
+def load_judge(spec, *, tokenizer=None, device="auto", dtype="auto", max_new_tokens=256, batch_size=8,
+               concurrency=8, retries=5, timeout=600.0):
+    """--judge: "openai:MODEL" (APIJudge), or a checkpoint directory (ModelJudge)."""
+    if spec.startswith(OPENAI):
+        return APIJudge(spec[len(OPENAI):], max_new_tokens, concurrency, retries, timeout)
+    return load_model_judge(spec, tokenizer, device, dtype, max_new_tokens, batch_size)
 
 
 def fit_question(make, judge, **answers):

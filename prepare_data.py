@@ -8,8 +8,23 @@
     python prepare_data.py --demo --out_dir data/demo   # the built-in demo set, for demo/base
 
 Input (LIMA §2): GAIR/lima's jsonl, one {"conversations": [user, assistant, ...], "source": ...}
-per line (`"source": "multi_turn"` marks its 30 dialogues), or the common
-{"messages": [{"role": "user" | "assistant", "content": ...}, ...]} of other SFT sets.
+per line, or the common {"messages": [{"role": "user" | "assistant", "content": ...}, ...]} of
+other SFT sets.
+
+Which rows train: GAIR/lima's train.jsonl has 1,030 rows, LIMA's 1,000 examples and the 30
+`"source": "multi_turn"` dialogue chains the paper added only for its separate dialogue model
+(LIMA §6). By default the 1,000 train, exactly the paper's training set; the dialogue chains are
+left out and counted. The other runs of the paper:
+
+    # the dialogue model of LIMA §6: 1,030 examples, fine-tuned from the base model
+    python prepare_data.py --train lima/train.jsonl --dialogues --tokenizer ... --out_dir data/lima-dialogue
+    # an ablation of LIMA §5 on one source (the names are the file's "source" values)
+    python prepare_data.py --train lima/train.jsonl --sources stackexchange --tokenizer ... --out_dir data/se
+
+The paper's 50-example dev set (LIMA §2) was written apart from the 1,000 and is not public:
+give yours with --dev_file (rows with a final answer also give the dev loss; lone prompts are
+answered and read only). --dev_size N carves N examples out of the training rows instead, and
+says how many remain.
 
 Output in out_dir, replaced only when the whole run succeeds: the prepared-data directory
 (data.py describes its files).
@@ -25,8 +40,9 @@ import numpy as np
 
 import files
 from config import check_ranges, parse_config
-from data import (FORMAT, DataError, answered, asked, carve_dev, encode_examples, prompt_records,
-                  read_conversations, token_dtype, write_jsonl, write_split)
+from data import (DIALOGUE_SOURCE, FORMAT, DataError, answered, asked, asking, carve_dev,
+                  encode_examples, prompt_records, read_conversations, select_sources, token_dtype,
+                  write_jsonl, write_split)
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -45,10 +61,17 @@ class PrepareConfig:
         "help": "training conversations, jsonl: GAIR/lima's train.jsonl or a 'messages' file"})
     test: Optional[str] = field(default=None, metadata={
         "help": "test prompts (GAIR/lima's test.jsonl), written to test_prompts.jsonl for sampling"})
+    dialogues: bool = field(default=False, metadata={
+        "help": "train on the multi_turn dialogue chains too: LIMA §6's dialogue model (1,030 examples)"})
+    sources: Optional[str] = field(default=None, metadata={
+        "help": "train only on rows of these sources (comma-separated 'source' values, e.g. "
+                "stackexchange: the LIMA §5 ablations); default: every source but multi_turn"})
     dev_file: Optional[str] = field(default=None, metadata={
-        "help": "held-out dev conversations; without it, --dev_size examples are carved from --train"})
-    dev_size: int = field(default=50, metadata={
-        "help": "examples held out of --train as the dev set (LIMA §2: a dev set of 50); 0 for none", "min": 0})
+        "help": "the dev set, held out (LIMA §2: 50 examples, not public): conversations, whose final "
+                "answers give the dev loss, and/or lone prompts, answered each saved epoch"})
+    dev_size: Optional[int] = field(default=None, metadata={
+        "help": "carve this many examples out of the training rows as the dev set instead (seeded; "
+                "at most half); default: none (--demo: demo/dev.jsonl is its --dev_file)", "min": 0})
     allow_dev_overlap: bool = field(default=False, metadata={
         "help": "keep dev examples whose prompt is also in train (reported either way)"})
     tokenizer: Optional[str] = field(default=None, metadata={
@@ -66,6 +89,9 @@ class PrepareConfig:
         "help": "prepare the built-in demo set (demo/*.jsonl) with the tokenizer of demo/base"})
 
 
+PAPER_TRAIN_SIZE = 1000  # LIMA §2: the training set, 1,000 prompt/response pairs
+
+
 # ----------------------------------------------------------------------------------------------
 
 def check_out_dir(out_dir):
@@ -79,13 +105,19 @@ def check_out_dir(out_dir):
                         f"prepare_data.py run; refusing to replace it. Choose another --out_dir.")
 
 
-def dev_in_train(train, dev):
-    """Dev examples whose prompt (data.asked) is also a training example's: the model would have
-    been trained on the answer the dev set asks for. -> [(dev example, train example)]."""
+def dev_in_train(train, dev, dev_prompts=()):
+    """Dev examples and dev prompts whose prompt (data.asked) is also a training example's: the
+    model would have been trained on the answer the dev set asks for.
+    -> [(dev row, train example)], one per dev row."""
     seen = {}
     for ex in train:
         seen.setdefault(asked(ex), ex)
-    return [(ex, seen[asked(ex)]) for ex in dev if asked(ex) in seen]
+    pairs, lines = [], set()
+    for row, key in [(ex, asked(ex)) for ex in dev] + [(p, asking(p["turns"])) for p in dev_prompts]:
+        if key in seen and row["line"] not in lines:
+            lines.add(row["line"])
+            pairs.append((row, seen[key]))
+    return sorted(pairs, key=lambda pair: pair[0]["line"])
 
 
 def describe_overlap(pairs, train_path, dev_path):
@@ -102,38 +134,44 @@ MAX_SHOWN = 3
 
 def prepare(cfg):
     """Validate everything, then write into a temp dir beside out_dir and swap it in."""
-    if cfg.demo:
+    if cfg.demo:  # LIMA in miniature: its 1,000 train (the 30 dialogues too with --dialogues)
         cfg = replace(cfg, train=cfg.train or DEMO_TRAIN, test=cfg.test or DEMO_TEST,
-                      dev_file=cfg.dev_file or DEMO_DEV, tokenizer=cfg.tokenizer or DEMO_TOKENIZER)
+                      dev_file=cfg.dev_file or (None if cfg.dev_size else DEMO_DEV),
+                      tokenizer=cfg.tokenizer or DEMO_TOKENIZER)
     if cfg.train is None:
         raise DataError("pass --train PATH/train.jsonl (GAIR/lima format), or --demo")
     if cfg.tokenizer is None:
         raise DataError("pass --tokenizer PATH/tokenizer.model or tokenizer.json (the base "
                         "model's), or --demo")
+    if cfg.dev_file is not None and cfg.dev_size:
+        raise DataError("--dev_file is the dev set; --dev_size carves one out of --train instead: pass one")
     check_ranges(cfg)  # parse_config did, unless cfg was built in code
     out_dir = os.path.abspath(cfg.out_dir or ("data/demo" if cfg.demo else "data/lima"))
+    sources = [x.strip() for x in cfg.sources.split(",") if x.strip()] if cfg.sources else None
 
     # read and check every input before anything is written
     tokenizer = load_tokenizer(cfg.tokenizer)
     train_conv = read_conversations(cfg.train)
     dev_conv = read_conversations(cfg.dev_file) if cfg.dev_file else None
     test_conv = read_conversations(cfg.test) if cfg.test else None
-    train, lone = answered(train_conv)
+    chosen, left_out = select_sources(train_conv, sources, cfg.dialogues, cfg.train)
+    train, lone = answered(chosen)
     if not train:
         raise DataError(f"{cfg.train}: no answered conversation to train on (every row is a "
                         f"lone user prompt: is this a test file?)")
-    inputs = {"train": dict(path=os.path.abspath(cfg.train), rows=len(train_conv),
+    inputs = {"train": dict(path=os.path.abspath(cfg.train), rows=len(train_conv), chosen=len(chosen),
+                            left_out=left_out, sources=sources, dialogues=cfg.dialogues,
                             lone_prompts=lone)}
     if dev_conv is not None:
+        # every row is a dev prompt; those with a final answer are dev examples (the dev loss) too
         dev, dev_lone = answered(dev_conv)
-        if not dev:
-            raise DataError(f"{cfg.dev_file}: no answered conversation (every row is a lone "
-                            f"user prompt); a dev example needs a reference answer")
+        dev_prompts = prompt_records(dev_conv)
         inputs["dev"] = dict(path=os.path.abspath(cfg.dev_file), rows=len(dev_conv),
                              lone_prompts=dev_lone)
     else:
-        train, dev = carve_dev(train, cfg.dev_size, cfg.seed)
-    overlap = dev_in_train(train, dev)
+        train, dev = carve_dev(train, cfg.dev_size or 0, cfg.seed)
+        dev_prompts = None  # those of the dev examples kept, once tokenized
+    overlap = dev_in_train(train, dev, dev_prompts or ())
     if overlap:
         what = describe_overlap(overlap, cfg.train, cfg.dev_file or cfg.train)
         if not cfg.allow_dev_overlap:
@@ -155,7 +193,9 @@ def prepare(cfg):
                             f"--max_len {cfg.max_len}")
         for name, e in enc.items():
             write_split(tmp, name, e)
-        write_jsonl(os.path.join(tmp, "dev_prompts.jsonl"), prompt_records(enc["dev"].kept))
+        if dev_prompts is None:
+            dev_prompts = prompt_records(enc["dev"].kept)
+        write_jsonl(os.path.join(tmp, "dev_prompts.jsonl"), dev_prompts)
         if test_conv is not None:
             write_jsonl(os.path.join(tmp, "test_prompts.jsonl"), prompt_records(test_conv))
         meta = dict(
@@ -168,6 +208,8 @@ def prepare(cfg):
             max_len=cfg.max_len, train_on_prompt=cfg.train_on_prompt, seed=cfg.seed,
             dev_size=len(enc["dev"].kept),
             dev_lines=[ex["line"] for ex in enc["dev"].kept],  # lines of --dev_file or --train
+            dev_prompts=len(dev_prompts),
+            dev_carved=cfg.dev_file is None and len(enc["dev"].kept) > 0,
             dev_in_train=len(overlap),
             test_prompts=len(test_conv) if test_conv is not None else 0,
             inputs=inputs,
@@ -197,17 +239,37 @@ def summary(meta):
             f"      multi-turn {s['multi_turn']:,}; trailing user turns dropped "
             f"{s['dropped_turns']:,}; dropped with no trained token left {s['dropped_no_loss']:,}",
         ]
+    chosen = meta["inputs"]["train"]
+    if chosen["left_out"]:
+        why = ("--sources " + ",".join(chosen["sources"]) if chosen["sources"] else
+               f"LIMA trains on the single-turn rows; --dialogues adds the {DIALOGUE_SOURCE} ones (LIMA §6)")
+        lines.append(f"train rows chosen: {chosen['chosen']:,} of {chosen['rows']:,} in {chosen['path']}; left out: "
+                     + ", ".join(f"{k} {v:,}" for k, v in chosen["left_out"].items()) + f" ({why})")
     for name, inp in meta["inputs"].items():
         if inp.get("lone_prompts"):
-            lines.append(f"{name}: {inp['lone_prompts']:,} rows were a lone user prompt, skipped")
+            what = "answered for reading, no dev loss" if name == "dev" else "skipped"
+            lines.append(f"{name}: {inp['lone_prompts']:,} rows were a lone user prompt, {what}")
     if meta["dev_in_train"]:
         lines.append(f"dev   {meta['dev_in_train']:,} examples with a prompt also in train (--allow_dev_overlap)")
     if meta["test_prompts"]:
         lines.append(f"test  {meta['test_prompts']:,} prompts")
+    train_examples, warning = meta["splits"]["train"]["examples"], None
+    if meta["dev_carved"]:  # loud, and last: this is no longer the paper's training set
+        warning = (f"WARNING: the dev set's {meta['dev_size']:,} examples were carved out of the "
+                   f"{chosen['chosen']:,} training rows chosen, so {train_examples:,} of them train; the "
+                   f"paper's LIMA trains on {PAPER_TRAIN_SIZE:,} (LIMA §2), its 50 dev examples written apart "
+                   f"from them. The paper's way: --dev_file with a dev set of your own.")
+    elif meta["dev_prompts"]:
+        lines.append(f"dev   {meta['dev_prompts']:,} prompts from --dev_file, answered at each saved epoch "
+                     f"(LIMA §3); {meta['dev_size']:,} with a final answer give the dev loss")
+    else:
+        lines.append("dev   none: checkpoints are chosen by reading dev answers (LIMA §3); pass --dev_file "
+                     "(the paper's 50 dev prompts are not public: write your own), or --dev_size 50 to "
+                     "carve them out of the training rows")
     lines.append(f"wrote {meta['data_dir']} (tokenizer {meta['tokenizer']}, sha256 "
                  f"{meta['tokenizer_sha256'][:12]}..., EOT id {meta['eot_id']}, vocab "
                  f"{meta['vocab_size']:,})")
-    return "\n".join(lines)
+    return "\n".join(lines + [warning] * (warning is not None))
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
-"""The paper's results as tables and a chart (its Figure 1 for preferences, and the §5
-helpfulness means): text for the terminal, a PNG where matplotlib is installed (optional).
-And a training run's curves as a PNG (`training_curves`), which train.py redraws every epoch."""
+"""The paper's results as tables and a chart (its Figure 1 for preferences, the §5 helpfulness
+means, the §6 dialogue grades): text for the terminal, a PNG where matplotlib is installed
+(optional). And a training run's curves as a PNG (`training_curves`), which train.py redraws
+every epoch."""
 
 import io
 import os
@@ -90,11 +91,45 @@ def format_helpfulness(summary, title):
     return "\n".join(lines)
 
 
-def text_chart(pairwise_rows, helpful_rows, width=40):
+def dialogue_title(records, path):
+    return f"{records[0].get('gen')}, graded by {judges_of(records)}  [{path}]"
+
+
+def format_dialogue(summary, title):
+    s = summary
+    lines = [f"== dialogue grades (LIMA §6): {title}",
+             f"{s['dialogues']} dialogues, {s['responses']} responses: {s['unparseable']} unparseable "
+             f"(grade null, kept in the file, not in the rates), {s['skipped']} skipped"]
+    if s["trimmed"]:
+        lines.append(f"{s['trimmed']} responses were trimmed (start kept) to fit the judge's context")
+    if s["all"] is None:
+        return "\n".join(lines + ["no parsed grades: nothing to rate"])
+    a = s["all"]
+    lines.append(f"{'':10}  responses  share, 95% CI (bootstrap over dialogues)")
+    for g in ("excellent", "pass", "fail"):
+        lo, hi = a["ci"][g]
+        lines.append(f"{g:10}  {a['counts'][g]:9d}  {pct(a['rate'][g])} [{100 * lo:4.1f}, {100 * hi:4.1f}]")
+    lines.append(f"graded {a['graded']} responses in {s['graded_dialogues']} dialogues "
+                 f"(LIMA §6: 45.2% excellent zero-shot, 76.1% with the 30 dialogue chains)")
+    return "\n".join(lines)
+
+
+def usage_line(records):
+    """The tokens an API judge reported using for these records, or "" when none did."""
+    used = [r["usage"] for r in records if isinstance(r.get("usage"), dict)]
+    if not used:
+        return ""
+    sent = sum(u.get("prompt_tokens") or 0 for u in used)
+    got = sum(u.get("completion_tokens") or 0 for u in used)
+    return f"judge tokens: {sent:,} sent, {got:,} received, over {len(used)} requests"
+
+
+def text_chart(pairwise_rows, helpful_rows, dialogue_rows=(), width=40):
     """The paper's Figure 1 as text: one stacked bar per comparison (a wins / tie / b wins),
-    and one bar per helpfulness file (mean out of 6)."""
+    one bar per helpfulness file (mean out of 6), one stacked bar per dialogue grade file
+    (excellent / pass / fail)."""
     lines = []
-    names = [n for n, _ in pairwise_rows] + [n for n, _ in helpful_rows]
+    names = [n for n, _ in pairwise_rows] + [n for n, _ in helpful_rows] + [n for n, _ in dialogue_rows]
     w = min(max((len(n) for n in names), default=0), 48)
     if pairwise_rows:
         lines.append(f"{'':{w}}  '#' a wins, '=' tie, '.' b wins")
@@ -110,6 +145,15 @@ def text_chart(pairwise_rows, helpful_rows, width=40):
             m, (lo, hi) = s["all"]["mean"], s["all"]["ci"]
             n = round(width * m / 6)
             lines.append(f"{name[:w]:{w}}  |{'#' * n}{' ' * (width - n)}|  {m:.2f} [{lo:.2f}, {hi:.2f}]")
+    if dialogue_rows:
+        lines.append(f"{'':{w}}  dialogue responses: '#' excellent, '=' pass, '.' fail")
+        for name, s in dialogue_rows:
+            r = s["all"]["rate"]
+            ne = round(width * r["excellent"])
+            np_ = round(width * (r["excellent"] + r["pass"])) - ne
+            bar = "#" * ne + "=" * np_ + "." * (width - ne - np_)
+            lines.append(f"{name[:w]:{w}}  |{bar}|  excellent {pct(r['excellent']).strip()}, "
+                         f"pass {pct(r['pass']).strip()}, fail {pct(r['fail']).strip()}")
     return "\n".join(lines)
 
 
@@ -125,31 +169,19 @@ def pyplot():
     return plt
 
 
-def png_chart(path, pairwise_rows, helpful_rows):
+def png_chart(path, pairwise_rows, helpful_rows, dialogue_rows=()):
     """The same chart as a PNG; False when matplotlib is not installed (it is optional)."""
     plt = pyplot()
     if plt is None:
         return False
-    panels = [p for p in (pairwise_rows, helpful_rows) if p]
+    panels = [p for p in (pairwise_rows, helpful_rows, dialogue_rows) if p]
     heights = [1 + 0.45 * len(p) for p in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, sum(heights) + 0.6), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     axes = list(axes[:, 0])
     if pairwise_rows:
-        ax = axes.pop(0)
-        for i, (name, s) in enumerate(pairwise_rows):
-            left = 0.0
-            for part, color, label in (("a", "#4c72b0", "a wins"), ("tie", "#bbbbbb", "tie"),
-                                       ("b", "#dd8452", "b wins")):
-                width = s["all"]["rate"][part]
-                ax.barh(i, width, left=left, color=color, label=label if i == 0 else None)
-                if width >= 0.05:
-                    ax.text(left + width / 2, i, f"{100 * width:.0f}%", ha="center", va="center", fontsize=8)
-                left += width
-        ax.set_yticks(range(len(pairwise_rows)), [n for n, _ in pairwise_rows], fontsize=8)
-        ax.set_xlim(0, 1)
-        ax.invert_yaxis()
-        ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False, fontsize=8)
+        _stacked_panel(axes.pop(0), pairwise_rows, (("a", "#4c72b0", "a wins"), ("tie", "#bbbbbb", "tie"),
+                                                    ("b", "#dd8452", "b wins")))
     if helpful_rows:
         ax = axes.pop(0)
         means = np.array([s["all"]["mean"] for _, s in helpful_rows])
@@ -159,10 +191,29 @@ def png_chart(path, pairwise_rows, helpful_rows):
         ax.set_xlim(0, 6)
         ax.set_xlabel("helpfulness (1-6), mean with 95% CI")
         ax.invert_yaxis()
+    if dialogue_rows:
+        _stacked_panel(axes.pop(0), dialogue_rows, (("excellent", "#4c72b0", "excellent"),
+                                                    ("pass", "#bbbbbb", "pass"), ("fail", "#dd8452", "fail")))
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return True
+
+
+def _stacked_panel(ax, rows, parts):
+    """One horizontal bar per row, its shares stacked left to right: (key, colour, label) parts."""
+    for i, (name, s) in enumerate(rows):
+        left = 0.0
+        for part, color, label in parts:
+            width = s["all"]["rate"][part]
+            ax.barh(i, width, left=left, color=color, label=label if i == 0 else None)
+            if width >= 0.05:
+                ax.text(left + width / 2, i, f"{100 * width:.0f}%", ha="center", va="center", fontsize=8)
+            left += width
+    ax.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False, fontsize=8)
 
 
 # ---- a training run ---------------------------------------------------------------------------

@@ -36,7 +36,6 @@ import devices
 import files
 from generate import (DECODING, Decoding, PromptError, check_chat_model, check_text, encode_prompt,
                       respond)
-from tokenizer import load_tokenizer
 
 # a resumed run may draw new randomness, and read its prompt file from another place (each line
 # of --out is checked against the prompt it answers); nothing else may change
@@ -218,23 +217,13 @@ def load(cfg):
         raise PromptError("no --checkpoint given: pass the model directory")
     if not os.path.exists(cfg.checkpoint):
         raise PromptError(f"--checkpoint {cfg.checkpoint}: no such directory")
-    args = checkpoint.load_args(cfg.checkpoint)
-    probe = config.resolve_dtype(cfg.dtype, "cuda" if torch.cuda.is_available() else "cpu")
-    rows = cfg.batch_size if cfg.prompt_file else 1
-    placed = devices.choose_devices(cfg.device, args, probe, rows, min(cfg.max_seq_len, args.max_seq_len))
-    dtype = config.resolve_dtype(cfg.dtype, placed[0])
     tokenizer_path = cfg.tokenizer or checkpoint.find_tokenizer(cfg.checkpoint)
     if tokenizer_path is None:
         raise PromptError(f"{cfg.checkpoint}: no tokenizer.model or tokenizer.json here or in "
                           f"the parent directory; pass --tokenizer")
-    tokenizer = load_tokenizer(tokenizer_path)
-    tokenizer.check_model_vocab(args.vocab_size, cfg.checkpoint)
-    checkpoint.check_tokenizer(cfg.checkpoint, tokenizer)  # same size, other pieces: refused
-    if len(placed) == 1:
-        model = checkpoint.load_model(cfg.checkpoint, dtype=dtype, device=placed[0])
-    else:
-        model = devices.load_placed(cfg.checkpoint, devices.placement_plan(args, placed), dtype)
-    model.requires_grad_(False).eval()
+    rows = cfg.batch_size if cfg.prompt_file else 1
+    model, tokenizer, placed, dtype = devices.load_for_inference(
+        cfg.checkpoint, tokenizer_path, cfg.device, cfg.dtype, rows, cfg.max_seq_len)
     n = model.num_params()
     size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
     log(f"{cfg.checkpoint}: {size} parameters, {dtype}, on {', '.join(placed)}; "

@@ -7,22 +7,26 @@ from collections import defaultdict
 import numpy as np
 
 from data import prompt_key
-from judging import LABELS, undo_order
+from judging import GRADES, LABELS, undo_order
 
 
-def bootstrap_ci(values, n_boot=2000, seed=0, level=0.95):
+def bootstrap_ci(values, n_boot=2000, seed=0, level=0.95, weights=None):
     """Percentile bootstrap over rows (prompts): values (n,) or (n, k) -> (lo, hi) of the mean of
     each column. Resampling whole prompts keeps whatever is nested in a prompt (both A/B orders,
-    several samples) together, so their correlation is in the interval."""
+    several samples) together, so their correlation is in the interval. weights (n,): the
+    weighted mean instead (a dialogue's rate weighs by its number of responses, so the mean is
+    the rate over all responses)."""
     if n_boot < 1 or len(values) == 0:
         raise ValueError(f"a bootstrap needs at least one resample and one value (got {n_boot} "
                          f"resamples of {len(values)} values)")
     v = np.asarray(values, dtype=np.float64)
+    w = np.ones(len(v)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w.reshape((-1,) + (1,) * (v.ndim - 1))
     rng = np.random.default_rng(seed)
     means = []
     for start in range(0, n_boot, 256):  # chunks: (256, n, k) at a time
         idx = rng.integers(0, len(v), size=(min(256, n_boot - start), len(v)))
-        means.append(v[idx].mean(axis=1))
+        means.append((v[idx] * w[idx]).sum(axis=1) / w[idx].sum(axis=1))
     means = np.concatenate(means)
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(means, [tail, 100 - tail], axis=0)
@@ -146,4 +150,30 @@ def helpfulness_summary(records, n_boot=2000, seed=0):
     if len(set(sources)) > 1:
         for src in sorted(set(sources), key=str):
             summary["by_source"][src] = block([m for m, s in zip(means, sources) if s == src])
+    return summary
+
+
+def dialogue_summary(records, n_boot=2000, seed=0):
+    """LIMA §6: the share of responses graded fail / pass / excellent (over every graded response,
+    as the paper counts: 15 failures in 42 turns), with 95% CIs by a bootstrap over whole
+    dialogues, since the turns of one conversation are not independent."""
+    by_dialogue = defaultdict(list)
+    for r in records:
+        by_dialogue[r.get("dialogue")].append(r)
+    counts, sizes = [], []
+    for rs in by_dialogue.values():
+        grades = [r["grade"] for r in rs if r.get("grade") in GRADES]
+        if grades:
+            counts.append([grades.count(g) for g in GRADES])
+            sizes.append(len(grades))
+    summary = {"responses": len(records), "dialogues": len(by_dialogue), "graded_dialogues": len(counts),
+               "unparseable": sum(r.get("grade") is None for r in records),
+               "skipped": sum(r.get("grade") == "skip" for r in records),
+               "trimmed": sum(bool(r.get("trimmed")) for r in records), "all": None}
+    if counts:
+        c, n = np.asarray(counts, dtype=np.float64), np.asarray(sizes, dtype=np.float64)
+        lo, hi = bootstrap_ci(c / n[:, None], n_boot, seed, weights=n)
+        summary["all"] = {"graded": int(n.sum()), "counts": dict(zip(GRADES, c.sum(0).astype(int).tolist())),
+                          "rate": dict(zip(GRADES, (c.sum(0) / n.sum()).tolist())),
+                          "ci": {g: (float(l), float(h)) for g, l, h in zip(GRADES, lo, hi)}}
     return summary

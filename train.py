@@ -7,6 +7,8 @@
     torchrun --nproc_per_node=8 train.py --init_from /llama/65B --data_dir data/lima --out_dir out/lima-65b
     # LIMA's 7B ablation setting (batch 64, residual dropout 0.2)
     torchrun --nproc_per_node=8 train.py --preset small --init_from /llama/7B --data_dir data/lima --out_dir out/lima-7b
+    # LIMA §6's dialogue model: the same recipe from the base model on the 1,030 rows (prepare_data.py --dialogues)
+    torchrun --nproc_per_node=8 train.py --init_from /llama/65B --data_dir data/lima-dialogue --out_dir out/lima-dialogue-65b
     # Llama 3.x (data prepared with its tokenizer: prepare_data.py --tokenizer Llama-3.2-1B/tokenizer.json):
     # 3.2 1B on one GPU; 3.2 3B on one GPU with --activation_checkpointing; 3.1 8B on 8 GPUs
     python train.py --preset small --init_from /llama/Llama-3.2-1B --data_dir data/lima-llama3 --out_dir out/lima-llama3.2-1b
@@ -149,14 +151,11 @@ PRESETS = {
 
 # ---- batches -----------------------------------------------------------------------------------
 
-def epoch_order(n, epoch, seed, lengths, batch_size):
+def epoch_order(n, epoch, seed):
     """The examples of one epoch, shuffled with (seed, epoch) so a resumed run sees the same
-    order. In the first epoch the longest examples go first, so an out-of-memory shows at once."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    if epoch == 0:
-        longest = np.argsort(-lengths, kind="stable")[:batch_size]
-        order = np.concatenate([longest, order[~np.isin(order, longest)]])
-    return order
+    order. Every batch is an ordinary draw, the first included (the memory check is
+    probe_memory's, and takes no step)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def plan_microbatches(indices, lengths, world_size, budget):
@@ -183,6 +182,13 @@ def plan_microbatches(indices, lengths, world_size, budget):
         plan.append(micro)
     n_micro = max(len(m) for m in plan)
     return [m + [[] for _ in range(n_micro - len(m))] for m in plan]
+
+
+def probe_plan(lengths, batch_size, world_size, budget):
+    """The heaviest micro-batch of each rank this run can meet: those of a step made of the
+    batch_size longest examples. -> plan[rank] = example indices."""
+    longest = np.argsort(-lengths, kind="stable")[:batch_size].tolist()
+    return [micro[0] for micro in plan_microbatches(longest, lengths, world_size, budget)]
 
 
 def pack(split, examples, device, bos_id):
@@ -522,6 +528,7 @@ def train(cfg):
                 rundir.claim_out_dir(cfg)
             distributed.on_rank0(claim)
             run = setup(cfg, device, rank, world_size)
+            probe_memory(run)
             loop(run)
             tokenizer, prompts = run.tokenizer, run.dev_prompts
             del run  # the sharded model and optimizer: their memory is the dev answers' now
@@ -531,6 +538,58 @@ def train(cfg):
                 answer_saved_epochs(cfg, tokenizer, prompts)
     finally:
         distributed.teardown()
+
+
+def allocate_optimizer_state(optimizer):
+    """Adam's moments are made by its first step; make them now, with a step that moves nothing
+    (zero gradients, learning rate 0), then set the step count back to 0: the state is exactly
+    what the first real step would have made, and the memory it takes is in use from here on."""
+    if optimizer.state:  # resumed: loaded already
+        return
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    for state in optimizer.state.values():
+        state["step"].zero_()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def probe_memory(run):
+    """Before the first step, each rank's heaviest micro-batch (probe_plan) goes forward and
+    backward once with the optimizer state in memory, so a run that cannot fit fails now, with
+    the memory plan's options, not in the middle of an epoch. Nothing of it is kept: the
+    gradients are dropped, no optimizer step is taken and the random state (dropout masks) is
+    put back, so the run goes on exactly as it would have without it."""
+    cfg, split, device = run.cfg, run.train_split, run.device
+    allocate_optimizer_state(run.optimizer)
+    examples = probe_plan(split.lengths, cfg.batch_size, run.world_size, cfg.micro_batch_tokens)[run.rank]
+    tokens = int(sum(split.lengths[i] for i in examples))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            x, y, cu = pack(split, examples, device, run.tokenizer.bos_id)
+            run.model(x, y, cu_seqlens=cu, reduction="sum").backward()
+    except torch.OutOfMemoryError:
+        raise SystemExit(
+            f"error: out of memory on rank {run.rank} before the first step, in the forward and backward "
+            f"of the heaviest micro-batch this run can meet ({tokens:,} tokens: its longest examples, "
+            f"packed up to --micro_batch_tokens {cfg.micro_batch_tokens:,}). Nothing was trained or "
+            f"written. Options: {distributed.MEMORY_OPTIONS}.") from None
+    finally:
+        run.optimizer.zero_grad(set_to_none=True)
+    peak = ""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        peak = (f": peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB of "
+                f"{total / 2**30:.1f} GiB on rank {run.rank}")
+    log(f"memory check: the heaviest micro-batch ({tokens:,} tokens) went forward and backward with "
+        f"the optimizer state in memory{peak}")
 
 
 def loop(run):
@@ -545,7 +604,7 @@ def loop(run):
     run.model.train()
     with tqdm(total=stop_at, initial=run.step, disable=run.rank != 0, desc="train", dynamic_ncols=True) as bar:
         for epoch in range(run.epoch, cfg.epochs):
-            order = epoch_order(len(split), epoch, cfg.seed, split.lengths, cfg.batch_size)
+            order = epoch_order(len(split), epoch, cfg.seed)
             while run.step < min((epoch + 1) * steps_per_epoch, stop_at):
                 b = run.step - epoch * steps_per_epoch
                 batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()

@@ -41,9 +41,11 @@ def make_rows(n, seed=0, multi_every=5):
 
 
 def prepare(tmp_path, tok_path, rows, *args, name="data"):
+    """prepare_data.py on rows; make_rows' multi_turn rows train too (--dialogues), as every row
+    of the file did before the paper's default left them out."""
     train = write_jsonl(tmp_path / f"{name}.jsonl", rows)
     out = tmp_path / name
-    meta = pd.main(["--train", train, "--tokenizer", tok_path, "--out_dir", str(out), *args])
+    meta = pd.main(["--train", train, "--tokenizer", tok_path, "--out_dir", str(out), "--dialogues", *args])
     return out, meta
 
 
@@ -303,7 +305,7 @@ def test_large_file_is_fast(tmp_path, tiny_tokenizer_path):
     rows = [json.dumps({"conversations": [sentence(rng, 3, 12), sentence(rng, 3, 20)], "source": "s"})
             for _ in range(20_000)]
     t0 = time.time()
-    out, meta = prepare(tmp_path, tiny_tokenizer_path, rows)
+    out, meta = prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_size", "50")
     assert time.time() - t0 < 10
     assert meta["splits"]["train"]["examples"] == 19_950 and meta["splits"]["dev"]["examples"] == 50
     assert data.load_split(out, "train").offsets[-1] == meta["splits"]["train"]["tokens"]
@@ -350,3 +352,128 @@ def test_an_unwritable_out_dir_is_one_message(tmp_path, tiny_tokenizer_path, cap
     err = capsys.readouterr().err
     assert e.value.code == 1 and f"{tmp_path / 'a_file'}: " in err and "choose another output directory" in err
     assert "Traceback" not in err
+
+
+# ---- issue 14: the paper's training set, its dialogue model, its ablations ---------------------
+
+# GAIR/lima's train.jsonl: LIMA's 1,000 examples (LIMA §2, Table 1: Stack Exchange 400, wikiHow
+# 200, r/WritingPrompts 150, Natural Instructions 50, the authors' 200), then the 30 dialogue
+# chains of LIMA §6 with "source": "multi_turn". Only "multi_turn" is a name the code relies on;
+# the other names stand in for the file's.
+LIMA_SOURCES = {"stackexchange": 400, "wikihow": 200, "writingprompts": 150, "nat_inst": 50, "authors": 200}
+
+
+def lima_like(tmp_path, seed=0):
+    rng = random.Random(seed)
+    rows = [{"conversations": [f"{source} {i} " + sentence(rng), sentence(rng, 3, 12)], "source": source}
+            for source, n in LIMA_SOURCES.items() for i in range(n)]
+    rng.shuffle(rows)
+    for i in range(30):  # chains of 2 to 4 exchanges
+        rows.append({"conversations": [f"chain {i} " + sentence(rng)] + [sentence(rng) for _ in range(2 * (2 + i % 3) - 1)],
+                     "source": "multi_turn"})
+    return write_jsonl(tmp_path / "train.jsonl", rows), rows
+
+
+def prepare_lima(tmp_path, tok_path, *args, name="lima"):
+    train, rows = lima_like(tmp_path)
+    return pd.main(["--train", train, "--tokenizer", tok_path, "--out_dir", str(tmp_path / name), *args]), rows
+
+
+def test_the_defaults_train_on_the_papers_1000_examples(tmp_path, tiny_tokenizer_path, capsys):
+    meta, rows = prepare_lima(tmp_path, tiny_tokenizer_path)
+    out = capsys.readouterr().out
+    s = meta["splits"]["train"]
+    assert s["examples"] == 1000 and s["sources"] == dict(sorted(LIMA_SOURCES.items()))
+    assert s["multi_turn"] == 0 and meta["splits"]["dev"]["examples"] == 0
+    assert meta["inputs"]["train"]["left_out"] == {"multi_turn": 30} and meta["inputs"]["train"]["rows"] == 1030
+    assert "left out: multi_turn 30" in out and "--dialogues adds" in out and "WARNING" not in out
+    assert "dev   none" in out and "--dev_file" in out
+    # exactly the single-turn rows, in the file's order
+    tok = load_tokenizer(tiny_tokenizer_path)
+    split = data.load_split(tmp_path / "lima", "train")
+    single = [r for r in rows if r["source"] != "multi_turn"]
+    for i in (0, 1, 500, 999):
+        assert split.example(i)[0].tolist() == expected(tok, single[i]["conversations"])[0]
+
+
+def test_dialogues_add_the_30_chains_of_the_dialogue_model(tmp_path, tiny_tokenizer_path):
+    meta, rows = prepare_lima(tmp_path, tiny_tokenizer_path, "--dialogues")
+    s = meta["splits"]["train"]
+    assert s["examples"] == 1030 and s["sources"]["multi_turn"] == 30 and s["multi_turn"] == 30
+    assert meta["inputs"]["train"]["left_out"] == {}
+    tok = load_tokenizer(tiny_tokenizer_path)
+    last = data.load_split(tmp_path / "lima", "train").example(1029)[0].tolist()
+    assert last == expected(tok, rows[-1]["conversations"])[0]  # every turn of the chain, in the format
+
+
+def test_sources_choose_the_rows_of_an_ablation(tmp_path, tiny_tokenizer_path, capsys):
+    meta, _ = prepare_lima(tmp_path, tiny_tokenizer_path, "--sources", "stackexchange")
+    assert meta["splits"]["train"]["sources"] == {"stackexchange": 400}
+    assert meta["inputs"]["train"]["left_out"] == {k: v for k, v in sorted({**LIMA_SOURCES, "multi_turn": 30}.items())
+                                                   if k != "stackexchange"}
+    assert "--sources stackexchange" in capsys.readouterr().out
+    meta, _ = prepare_lima(tmp_path, tiny_tokenizer_path, "--sources", "wikihow, nat_inst", "--dialogues", name="two")
+    assert meta["splits"]["train"]["sources"] == {"multi_turn": 30, "nat_inst": 50, "wikihow": 200}
+    with pytest.raises(SystemExit):
+        prepare_lima(tmp_path, tiny_tokenizer_path, "--sources", "stackexchange,quora", name="bad")
+    err = capsys.readouterr().err
+    assert "no rows with source 'quora'" in err and "stackexchange (400 rows)" in err and "multi_turn (30 rows)" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_carving_a_dev_set_says_loudly_what_remains(tmp_path, tiny_tokenizer_path, capsys):
+    meta, _ = prepare_lima(tmp_path, tiny_tokenizer_path, "--dev_size", "50")
+    assert meta["splits"]["train"]["examples"] == 950 and meta["dev_size"] == 50 and meta["dev_carved"]
+    assert not {ex_line for ex_line in meta["dev_lines"]} & set(range(1001, 1031))  # not a dialogue chain
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("WARNING:") and "carved out of the 1,000 training rows chosen, so 950 of them train" in last
+    assert "the paper's LIMA trains on 1,000" in last
+    assert "--dev_file" in last
+
+
+def test_carving_leaves_at_least_half_the_rows_for_training(tmp_path, tiny_tokenizer_path, capsys):
+    rows = make_rows(10, multi_every=100)
+    out, meta = prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_size", "5")
+    assert meta["splits"]["train"]["examples"] == 5
+    with pytest.raises(SystemExit):
+        prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_size", "6", name="six")
+    err = capsys.readouterr().err
+    assert "--dev_size 6 must be in [0, 5]" in err and "at least half" in err and not (tmp_path / "six").exists()
+
+
+def test_a_dev_file_of_prompts_is_answered_without_a_dev_loss(tmp_path, tiny_tokenizer_path, capsys):
+    rows = make_rows(20, seed=0)
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"conversations": ["what hums under green lamps"]},
+                                               {"conversations": ["the cat", "sat on a mat"], "source": "d"},
+                                               {"prompt_only": 1, "conversations": ["a", "b", "and then?"]}])
+    out, meta = prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_file", dev)
+    prompts = data.read_prompts(out, "dev")
+    assert [p["turns"] for p in prompts] == [["what hums under green lamps"], ["the cat"], ["a", "b", "and then?"]]
+    assert prompts[1]["reference"] == "sat on a mat" and "reference" not in prompts[0]
+    assert meta["dev_size"] == 2 and meta["dev_prompts"] == 3 and not meta["dev_carved"]  # [a, b] gives a loss too
+    assert "3 prompts from --dev_file" in capsys.readouterr().out
+    # a dev prompt that is a training prompt is refused, whether or not it has an answer
+    clash = write_jsonl(tmp_path / "clash_dev.jsonl", [{"conversations": ["cat"]},
+                                                       {"conversations": [rows[3]["conversations"][0]]}])
+    with pytest.raises(SystemExit):
+        prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_file", clash, name="clash")
+    assert f"1 dev examples have a prompt that is also in train: {clash}:2 = {tmp_path / 'clash.jsonl'}:4" \
+        in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_file", dev, "--dev_size", "3", name="both")
+    assert "pass one" in capsys.readouterr().err
+
+
+def test_the_demo_is_laid_out_as_gair_lima_and_trains_like_the_paper(tmp_path, capsys):
+    # demo/train.jsonl has GAIR/lima's layout: 1,000 single-turn rows and 30 multi_turn chains
+    meta = pd.main(["--demo", "--out_dir", str(tmp_path / "demo")])
+    s = meta["splits"]["train"]
+    assert s["examples"] == 1000 and "multi_turn" not in s["sources"]
+    assert meta["inputs"]["train"]["left_out"] == {"multi_turn": 30} and not meta["dev_carved"]
+    assert meta["inputs"]["dev"]["path"] == pd.DEMO_DEV  # its own dev set, not carved out of train
+    meta = pd.main(["--demo", "--dialogues", "--out_dir", str(tmp_path / "dialogue")])
+    assert meta["splits"]["train"]["examples"] == 1030 and meta["splits"]["train"]["sources"]["multi_turn"] == 30
+    # --dev_size carves instead of taking demo/dev.jsonl (the two are refused together otherwise)
+    meta = pd.main(["--demo", "--dev_size", "20", "--out_dir", str(tmp_path / "carved")])
+    assert meta["dev_carved"] and meta["dev_size"] == 20 and meta["splits"]["train"]["examples"] == 980
+    assert "dev" not in meta["inputs"] and "WARNING" in capsys.readouterr().out

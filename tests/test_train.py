@@ -49,7 +49,7 @@ def setup(tmp_path_factory, tiny_tokenizer_path):
                 turns += [sentence(rng, 2, 6), sentence(rng, 2, 12)]
             f.write(json.dumps({"conversations": turns, "source": "multi_turn" if len(turns) > 2 else "gen"}) + "\n")
     prepare_data.main(["--train", str(d / "train.jsonl"), "--tokenizer", tiny_tokenizer_path,
-                       "--out_dir", str(d / "data"), "--dev_size", "4", "--seed", "0"])
+                       "--out_dir", str(d / "data"), "--dev_size", "4", "--seed", "0", "--dialogues"])
     torch.manual_seed(0)
     base = M.Transformer(M.model_args("debug", vocab_size=300))
     base.init_weights()
@@ -258,13 +258,52 @@ def test_plan_microbatches_balances_and_covers_every_example():
             assert len(micro) <= 1 or sum(lengths[i] for i in micro) <= 60
 
 
-def test_first_step_takes_the_longest_examples():
-    lengths = np.arange(100)
-    order = train.epoch_order(100, 0, 1, lengths, 8)
-    assert sorted(order[:8].tolist()) == list(range(92, 100))
+def test_epochs_are_seeded_shuffles_and_the_first_step_an_ordinary_batch(setup, reference):
+    order = train.epoch_order(100, 0, 1)
+    assert np.array_equal(order, np.random.default_rng([1, 0]).permutation(100))
     assert sorted(order.tolist()) == list(range(100))
-    again = train.epoch_order(100, 3, 1, lengths, 8)
-    assert np.array_equal(again, train.epoch_order(100, 3, 1, lengths, 8))  # seeded per epoch
+    again = train.epoch_order(100, 3, 1)
+    assert np.array_equal(again, train.epoch_order(100, 3, 1))  # seeded per epoch
+    assert not np.array_equal(again, order)
+    # the reference run's first step trained on the seeded shuffle's first 8, not the longest 8
+    lengths = data.load_split(setup / "data", "train").lengths
+    first = train.epoch_order(len(lengths), 0, 3)[:8]  # --seed 3, --batch_size 8
+    longest = np.argsort(-lengths, kind="stable")[:8]
+    assert reference[0]["tokens"] == int(sum(lengths[first] - 1))
+    assert set(first.tolist()) != set(longest.tolist())
+
+
+def test_the_memory_probe_takes_the_heaviest_micro_batches():
+    lengths = np.array([5, 90, 7, 60, 3, 80, 20, 1, 70, 10])
+    # the 4 longest (90, 80, 70, 60) over 2 ranks, micro-batches of at most 100 tokens
+    assert train.probe_plan(lengths, 4, 2, 100) == [[1], [5]]
+    assert train.probe_plan(lengths, 4, 1, 1000) == [[1, 5, 8, 3]]
+
+
+def test_the_memory_probe_leaves_the_run_exactly_as_it_was(setup, monkeypatch):
+    # dropout on, so a probe that drew random numbers, kept a gradient, took a step or left Adam's
+    # state anywhere but at zero would change the losses
+    flags = ("--max_steps", "3", "--resid_dropout", "0.2")
+    probed = []
+    real_probe = train.probe_memory
+    monkeypatch.setattr(train, "probe_memory", lambda run: probed.append(1) or real_probe(run))
+    with_probe = train_here(setup, "probe_on", *flags)
+    monkeypatch.setattr(train, "probe_memory", lambda run: None)
+    without = train_here(setup, "probe_off", *flags)
+    assert with_probe.returncode == without.returncode == 0 and probed == [1]
+    assert "memory check: the heaviest micro-batch" in with_probe.stderr
+    a, b = read_metrics(setup / "probe_on"), read_metrics(setup / "probe_off")
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+
+
+def test_a_run_that_cannot_fit_fails_before_the_first_step_with_the_plans_options(setup, monkeypatch):
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+    monkeypatch.setattr(M.Transformer, "forward", out_of_memory)
+    proc = train_here(setup, "oom")
+    assert proc.returncode == 1 and "out of memory on rank 0 before the first step" in proc.stderr
+    assert distributed.MEMORY_OPTIONS in proc.stderr and "Traceback" not in proc.stderr
+    assert not (setup / "oom" / "metrics.jsonl").exists() or not read_metrics(setup / "oom")
 
 
 def test_non_finite_step_stops_before_any_checkpoint(setup):
@@ -487,7 +526,7 @@ def test_resume_refuses_another_run_naming_each_difference(setup, after_epoch1, 
     other = setup / "other_data"
     if not other.exists():  # the same file, another dev split
         prepare_data.main(["--train", str(setup / "train.jsonl"), "--tokenizer", tiny_tokenizer_path,
-                           "--out_dir", str(other), "--dev_size", "4", "--seed", "1"])
+                           "--out_dir", str(other), "--dev_size", "4", "--seed", "1", "--dialogues"])
     out = copy_run(after_epoch1, setup / "another")
     before = (out / "metrics.jsonl").read_bytes()
     proc = train_here(setup, out.name, "--resid_dropout", "0.3", "--resume", "--batch_size", "4",
