@@ -58,8 +58,9 @@ from data import Appender, describe, prompt_key
 from generate import DECODING, Decoding, check_chat_model, encode_prompt, respond
 import judging
 from judging import (DIALOGUE_QUESTION, GRADE_KEYS, HELPFULNESS_PROMPT, HUMAN_KEYS, LABELS,
-                     PAIRWISE_QUESTION, JudgeError, fit_question, human_grade_view, human_view,
-                     pairwise_items, parse_grade, parse_preference, parse_score, render_context,
+                     PAIRWISE_QUESTION, JudgeError, dialogue_meta, fit_question, grade_record,
+                     human_grade_view, human_view, latest, pair_record, pairwise_items, pairwise_meta,
+                     parse_grade, parse_preference, parse_score, render_context,
                      shown_answers, undo_order)
 from report import (count_str, dialogue_title, format_dialogue, format_helpfulness, format_pairwise,
                     helpfulness_title, judges_of, pct, pairwise_title, png_chart, text_chart, usage_line)
@@ -230,17 +231,12 @@ def check_out(out, *inputs, flag="--out"):
 
 
 def read_previous(path, expect, what):
-    """Records already in an --out file, for resuming (a torn last line is cut off); records
-    made with other settings are an error rather than silently mixed."""
-    if not os.path.exists(path):
-        return []
-    rows = data.read_jsonl(path, repair_tail=True)
-    for n, row in rows:
-        for name, value in expect.items():
-            if row.get(name) != value:
-                raise EvalError(f"{path}:{n}: this file holds {what} made with {name}={row.get(name)!r}, "
-                                f"not {value!r} as now; rerun with the same settings, or another --out")
-    return [row for _, row in rows]
+    """The judgements already in an --out file, to resume from (judging.read_previous); records
+    made with other settings are an EvalError rather than silently mixed."""
+    try:
+        return judging.read_previous(path, expect, what)
+    except judging.OtherSettingsError as e:
+        raise EvalError(str(e)) from None
 
 
 def load_judge(cfg):
@@ -289,7 +285,7 @@ def run_pairwise(cfg, judge=None, ask=input, show=print):
 def _run_pairwise(cfg, judge, ask, show):
     pairs = pair_generations(cfg.a, cfg.b)
     items = pairwise_items(pairs, cfg.seed, cfg.both_orders)
-    meta = {"judge": judge_name(cfg), "seed": cfg.seed, "a": _basename(cfg.a), "b": _basename(cfg.b)}
+    meta = pairwise_meta(judge_name(cfg), cfg.seed, cfg.a, cfg.b)
     previous = read_previous(cfg.out, meta, "judgements")
     by_id = pairs[0].id is not None
     done = {(prompt_key(r.get("id"), r.get("prompt", ""), by_id), r.get("order")) for r in previous}
@@ -305,11 +301,6 @@ def _run_pairwise(cfg, judge, ask, show):
     finally:
         out.close()
     return read_previous(cfg.out, meta, "judgements")
-
-
-def _pair_record(pair, order, raw, label, meta, **extra):
-    return {"id": pair.id, "source": pair.source, "prompt": pair.prompt, "order": order,
-            "raw": raw, "label": label, **meta, **extra}
 
 
 def _human_session(todo, total, out, meta, ask, show):
@@ -328,7 +319,7 @@ def _human_session(todo, total, out, meta, ask, show):
             show(f"\nstopped at {done}/{total}; every answer is saved in {out.path}. "
                  f"Run the same command to go on from here.")
             return
-        out.write(_pair_record(pair, order, key, undo_order(HUMAN_KEYS[key], order), meta))
+        out.write(pair_record(pair, order, key, undo_order(HUMAN_KEYS[key], order), meta))
         done += 1
     show(f"\nall {total} pairs judged; saved in {out.path}")
 
@@ -351,7 +342,7 @@ def _model_session(todo, judge, out, meta):
             for (pair, order), (_, trimmed), raw in zip(batch, fitted, raws):
                 label = undo_order(parse_preference(raw), order)
                 bad += label is None
-                out.write(_pair_record(pair, order, str(raw), label, meta, **reply_fields(raw, trimmed)))
+                out.write(pair_record(pair, order, str(raw), label, meta, **reply_fields(raw, trimmed)))
             bar.update(len(batch))
             bar.set_postfix(unparseable=bad)
 
@@ -565,7 +556,7 @@ def grade_dialogues(cfg, judge, ask, show):
     turns = data.read_dialogue_turns(cfg.gen)
     if not turns:
         raise EvalError(f"{cfg.gen}: no responses to grade")
-    meta = {"judge": judge_name(cfg), "gen": _basename(cfg.gen)}
+    meta = dialogue_meta(judge_name(cfg), cfg.gen)
     previous = read_previous(cfg.out, meta, "grades")
     done = {(r.get("dialogue"), r.get("turn")) for r in previous}
     todo = [t for t in turns if (t["dialogue"], t["turn"]) not in done]
@@ -580,11 +571,6 @@ def grade_dialogues(cfg, judge, ask, show):
     finally:
         out.close()
     return read_previous(cfg.out, meta, "grades")
-
-
-def _grade_record(turn, raw, grade, meta, **extra):
-    return {"dialogue": turn["dialogue"], "turn": turn["turn"], "source": turn.get("source"),
-            "prompt": turn["prompt"], "raw": raw, "grade": grade, **meta, **extra}
 
 
 def _human_grading(todo, total, out, meta, ask, show):
@@ -603,7 +589,7 @@ def _human_grading(todo, total, out, meta, ask, show):
             show(f"\nstopped at {done}/{total}; every grade is saved in {out.path}. "
                  f"Run the same command to go on from here.")
             return
-        out.write(_grade_record(turn, key, GRADE_KEYS[key], meta))
+        out.write(grade_record(turn, key, GRADE_KEYS[key], meta))
         done += 1
     show(f"\nall {total} responses graded; saved in {out.path}")
 
@@ -620,7 +606,7 @@ def _model_grading(todo, judge, out, meta):
             for turn, (_, trimmed), raw in zip(batch, fitted, raws):
                 grade = parse_grade(raw)
                 bad += grade is None
-                out.write(_grade_record(turn, str(raw), grade, meta, **reply_fields(raw, trimmed)))
+                out.write(grade_record(turn, str(raw), grade, meta, **reply_fields(raw, trimmed)))
             bar.update(len(batch))
             bar.set_postfix(unparseable=bad)
 
@@ -631,7 +617,8 @@ RESULT_KINDS = {"label": "pairwise", "score": "helpfulness", "grade": "dialogue"
 
 
 def read_results(path):
-    """A judgement or grade file -> (kind, records)."""
+    """A judgement or grade file -> (kind, records), the last record of each item (a label
+    changed in the browser study supersedes the one before it)."""
     rows = data.read_jsonl(path)
     if not rows:
         raise EvalError(f"{path}: empty")
@@ -644,7 +631,7 @@ def read_results(path):
         kinds.add(kind)
     if len(kinds) > 1:
         raise EvalError(f"{path}: mixes {' and '.join(sorted(kinds))} results")
-    return kinds.pop(), [row for _, row in rows]
+    return kinds.pop(), latest(row for _, row in rows)
 
 
 def run_report(cfg, paths):
