@@ -49,6 +49,7 @@ from typing import Optional
 
 import torch
 
+import annotate
 import checkpoint
 import config
 import data
@@ -138,6 +139,26 @@ class DialogueConfig(JudgeConfig):
     max_response_tokens: Optional[int] = field(default=None, metadata={"help": "cap on each response; default: up to the "
                                                "context (LIMA §5: 2,048 tokens, prompt included)", "min": 1})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples (over dialogues) for the 95% CIs", "min": 1})
+
+
+@dataclass
+class ServeConfig:
+    """LIMA §4 and §6 by people, in a browser: a page that shows each annotator one item at a
+    time (the pairwise question, or a dialogue's responses to grade) and a server (annotate.py)
+    that appends their labels to <out_dir>/<name>.jsonl, the judgement files of the terminal."""
+    a: str = field(default="", metadata={"help": "pairwise: generations of the system under test (e.g. LIMA)"})
+    b: str = field(default="", metadata={"help": "pairwise: generations of the system it is compared with"})
+    gen: str = field(default="", metadata={"help": "dialogue: the responses to grade (evaluate.py dialogue --gen)"})
+    out_dir: str = field(default="", metadata={"help": "one judgement file per annotator, <name>.jsonl; a restarted "
+                         "server resumes everyone from them"})
+    seed: int = field(default=0, metadata={"help": "seeds each prompt's A/B order (as pairwise --seed, recorded) "
+                      "and, with an annotator's name, the order of their items", "min": 0})
+    both_orders: bool = field(default=False, metadata={"help": "pairwise: ask every pair in both A/B orders"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on: 127.0.0.1 for this machine only; "
+                      "0.0.0.0 for others too, which requires a token"})
+    port: int = field(default=8000, metadata={"help": "0: any free port", "min": 0, "max": 65535})
+    token: Optional[str] = field(default=None, metadata={"help": "the secret every request must carry (in the link); "
+                                 "default: generated when --host is not loopback"})
 
 
 @dataclass
@@ -611,6 +632,36 @@ def _model_grading(todo, judge, out, meta):
             bar.set_postfix(unparseable=bad)
 
 
+# ---- the human study in a browser (annotate.py) ---------------------------------------------------
+
+def run_serve(cfg):
+    """Pairwise (--a, --b) or dialogue (--gen) labelling by several people at once, until Ctrl-C."""
+    if not cfg.out_dir:
+        raise EvalError("--out_dir is required (one judgement file per annotator goes in it)")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise EvalError(f"--out_dir {cfg.out_dir} is a file; give a directory (one judgement file per annotator "
+                        f"goes in it)")
+    if bool(cfg.a) != bool(cfg.b) or bool(cfg.a) == bool(cfg.gen):
+        raise EvalError("give --a and --b (pairwise, LIMA §4) or --gen (dialogue grades, LIMA §6)")
+    inputs = [p for p in (cfg.a, cfg.b, cfg.gen) if p]
+    for path in inputs:  # a restarted server reads every .jsonl in --out_dir as an annotator's file
+        if os.path.abspath(os.path.dirname(path)) == os.path.abspath(cfg.out_dir):
+            raise EvalError(f"{path} is in --out_dir {cfg.out_dir}, which holds only the annotators' files; "
+                            f"give another --out_dir")
+    if cfg.gen:
+        turns = data.read_dialogue_turns(cfg.gen)
+        if not turns:
+            raise EvalError(f"{cfg.gen}: no responses to grade")
+        study = annotate.dialogue_study(turns, cfg.seed, cfg.gen)
+    else:
+        items = pairwise_items(pair_generations(cfg.a, cfg.b), cfg.seed, cfg.both_orders)
+        if not items:
+            raise EvalError(f"{cfg.a}: no prompts to judge")
+        study = annotate.pairwise_study(items, cfg.seed, cfg.a, cfg.b)
+    annotate.serve(study, cfg.out_dir, cfg.host, cfg.port, cfg.token)
+    return 0
+
+
 # ---- report -----------------------------------------------------------------------------------
 
 RESULT_KINDS = {"label": "pairwise", "score": "helpfulness", "grade": "dialogue"}  # the field that tells
@@ -695,6 +746,7 @@ COMMANDS = {  # name: (config class, positional files (nargs), what it does)
     "pairwise": (PairwiseConfig, None, "judge two generation files pairwise (LIMA §4)"),
     "helpfulness": (HelpfulnessConfig, None, "grade responses 1-6 with a judge model (LIMA §5)"),
     "dialogue": (DialogueConfig, None, "converse, and grade every response fail / pass / excellent (LIMA §6)"),
+    "serve": (ServeConfig, None, "pairwise or dialogue labelling by several people in a browser (LIMA §4, §6)"),
     "report": (ReportConfig, "+", "tables and a chart of judgement / grade files"),
     "agreement": (AgreementConfig, 2, "agreement of two judgement files (LIMA §4)"),
 }
@@ -741,6 +793,8 @@ def main(argv=None):
             if records:
                 s = dialogue_summary(records, cfg.bootstrap)
                 print(format_dialogue(s, dialogue_title(records, cfg.out)))
+        elif command == "serve":
+            run_serve(cfg)
         elif command == "report":
             run_report(cfg, inputs)
         else:
@@ -768,7 +822,7 @@ def _count(path):
 
 def kept_note(command, cfg):
     """For an error mid-session: where what was made is kept ("" when nothing was)."""
-    outputs = ([cfg.gen] if command == "dialogue" and cfg.checkpoint else []) + [cfg.out]
+    outputs = ([cfg.gen] if command == "dialogue" and cfg.checkpoint else []) + [getattr(cfg, "out", None)]
     outputs = [p for p in outputs if p and os.path.isfile(p)]
     if not outputs:
         return ""
