@@ -15,6 +15,10 @@ statistics in stats.py, the tables in report.py.
     # a local judge model (any checkpoint checkpoint.py reads), asked both A/B orders
     python evaluate.py pairwise --a gen_lima.jsonl --b gen_base.jsonl --judge out/judge \
         --both_orders --out judge.jsonl
+    # several people at once, each in a browser on their own machine (annotate.py): share the
+    # printed link; each annotator's labels go to study/<name>.jsonl (--gen FILE: dialogue grades)
+    python evaluate.py serve --a gen_lima.jsonl --b gen_base.jsonl --out_dir study --host 0.0.0.0
+    python evaluate.py agreement study/alice.jsonl study/bob.jsonl
     python evaluate.py report human.jsonl gpt4.jsonl --chart results.png
     python evaluate.py agreement human.jsonl gpt4.jsonl
     # LIMA §5 ablations: 5 samples per prompt (list each prompt 5 times in the prompt file),
