@@ -584,7 +584,12 @@ def grade_dialogues(cfg, judge, ask, show):
     meta = dialogue_meta(judge_name(cfg), cfg.gen)
     previous = read_previous(cfg.out, meta, "grades")
     done = {(r.get("dialogue"), r.get("turn")) for r in previous}
-    todo = [t for t in turns if (t["dialogue"], t["turn"]) not in done]
+    # one conversation at a time, turn by turn, as its user read it (the file is in rounds)
+    first = {}
+    for t in turns:
+        first.setdefault(t["dialogue"], len(first))
+    todo = sorted((t for t in turns if (t["dialogue"], t["turn"]) not in done),
+                  key=lambda t: (first[t["dialogue"]], t["turn"]))
     print(f"{len(turns)} responses to grade; {len(turns) - len(todo)} already in {cfg.out}, "
           f"{len(todo)} to go", file=sys.stderr)
     out = Appender(cfg.out)

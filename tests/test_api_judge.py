@@ -104,8 +104,17 @@ def error(message, code=None):
     return {"error": {"message": message, "type": "invalid_request_error", "code": code}}
 
 
+def local_only(monkeypatch):
+    """No proxy from the environment may carry a request off the machine (httpx reads them)."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("NO_PROXY", "*")
+
+
 @pytest.fixture
 def server(monkeypatch):
+    local_only(monkeypatch)
     s = ChatServer()
     monkeypatch.setenv("OPENAI_BASE_URL", s.url)  # as the official client reads them
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
@@ -182,6 +191,7 @@ def test_an_unreachable_server_is_one_message(tmp_path, monkeypatch, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
+    local_only(monkeypatch)
     monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     a, b = gen_files(tmp_path, n=2)

@@ -133,6 +133,8 @@ def test_a_person_grades_each_response_and_the_session_resumes(tmp_path, chat_ch
     shown = []
     first = E.run_dialogue(cfg, ask=scripted_input(["e", "x", "p", "f"]), show=shown.append)
     assert [g["grade"] for g in first] == ["excellent", "pass", "fail"]  # "x" was refused, asked again
+    # a conversation at a time, in its order, though the responses were made in rounds
+    assert [g["turn"] for g in first] == [1, 2, 3] and {g["dialogue"] for g in first} == {"a"}
     view = next(v for v in shown if "dialogue a, turn 2" in v)
     assert "The conversation so far:\nUser: the cat sat\n\nAssistant: " in view and "User: and then?" in view
     assert "[f] Fail:" in view and "[e] Excellent:" in view
