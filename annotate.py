@@ -127,7 +127,8 @@ def pairwise_study(items, seed, a, b):
 
 
 def dialogue_study(turns, seed, gen):
-    """turns: the responses of data.read_dialogue_turns; gen: their file."""
+    """turns: the responses of data.read_dialogue_turns; gen: their file. Each annotator grades one
+    conversation at a time, turn by turn, as its user read it."""
     def item(turn):
         view = {"context": turn["context"], "prompt": turn["prompt"], "response": turn["response"],
                 "source": turn.get("source"), "dialogue": turn["dialogue"], "turn": turn["turn"],
@@ -135,6 +136,8 @@ def dialogue_study(turns, seed, gen):
         return Item((turn["dialogue"], turn["turn"]), turn["dialogue"], view,
                     lambda key, meta: grade_record(turn, key, GRADE_KEYS[key], meta))
 
+    # a conversation's turns in order (the file is written in rounds: every dialogue's turn 1, then 2, ...)
+    turns = sorted(turns, key=lambda t: t["turn"])
     return Study("dialogue", [item(t) for t in turns], seed, lambda name: dialogue_meta(name, gen),
                  lambda r: (r.get("dialogue"), r.get("turn")), GRADE_KEYS, "grades")
 

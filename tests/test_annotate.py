@@ -61,13 +61,14 @@ DIALOGUE_TURNS = [  # (dialogue, number of turns)
 
 
 def dialogue_gen(tmp_path):
+    """Responses as evaluate.py dialogue writes them: in rounds (every dialogue's turn 1, then 2, ...)."""
     rows = []
-    for d, n in DIALOGUE_TURNS:
-        context = []
-        for k in range(1, n + 1):
-            rows.append({"dialogue": d, "turn": k, "source": "authors", "context": list(context),
-                         "prompt": f"{d} message {k}", "response": f"{d} answer {k} <script>x()</script>"})
-            context += [rows[-1]["prompt"], rows[-1]["response"]]
+    for k in range(1, max(n for _, n in DIALOGUE_TURNS) + 1):
+        for d, n in DIALOGUE_TURNS:
+            if k <= n:
+                context = [x for r in rows if r["dialogue"] == d for x in (r["prompt"], r["response"])]
+                rows.append({"dialogue": d, "turn": k, "source": "authors", "context": context,
+                             "prompt": f"{d} message {k}", "response": f"{d} answer {k} <script>x()</script>"})
     return write_jsonl(tmp_path / "dialogue_gen.jsonl", rows)
 
 
@@ -192,6 +193,17 @@ def test_dialogue_grades_are_the_terminal_records_and_turns_stay_in_order(tmp_pa
     capsys.readouterr()
     assert E.main(["report", str(tmp_path / "study" / "bob.jsonl")]) == 0
     assert "4 dialogues, 8 responses: 0 unparseable" in capsys.readouterr().out
+
+
+def test_a_conversations_turns_come_in_order_whatever_the_file_order(tmp_path):
+    gen = dialogue_gen(tmp_path)
+    turns = E.data.read_dialogue_turns(gen)[::-1]  # last turns first
+    study = annotate.dialogue_study(turns, 0, gen)
+    for name in ("alice", "bob", "carol"):
+        seen = [study.items[i].key for i in annotate.annotator_order(study, name)]
+        for d, n in DIALOGUE_TURNS:
+            start = seen.index((d, 1))
+            assert seen[start:start + n] == [(d, k) for k in range(1, n + 1)]
 
 
 # ---- back: a changed label supersedes the old one -----------------------------------------------
