@@ -15,6 +15,10 @@ statistics in stats.py, the tables in report.py.
     # a local judge model (any checkpoint checkpoint.py reads), asked both A/B orders
     python evaluate.py pairwise --a gen_lima.jsonl --b gen_base.jsonl --judge out/judge \
         --both_orders --out judge.jsonl
+    # several people at once, each in a browser on their own machine (annotate.py): share the
+    # printed link; each annotator's labels go to study/<name>.jsonl (--gen FILE: dialogue grades)
+    python evaluate.py serve --a gen_lima.jsonl --b gen_base.jsonl --out_dir study --host 0.0.0.0
+    python evaluate.py agreement study/alice.jsonl study/bob.jsonl
     python evaluate.py report human.jsonl gpt4.jsonl --chart results.png
     python evaluate.py agreement human.jsonl gpt4.jsonl
     # LIMA §5 ablations: 5 samples per prompt (list each prompt 5 times in the prompt file),
@@ -49,6 +53,7 @@ from typing import Optional
 
 import torch
 
+import annotate
 import checkpoint
 import config
 import data
@@ -58,8 +63,9 @@ from data import Appender, describe, prompt_key
 from generate import DECODING, Decoding, check_chat_model, encode_prompt, respond
 import judging
 from judging import (DIALOGUE_QUESTION, GRADE_KEYS, HELPFULNESS_PROMPT, HUMAN_KEYS, LABELS,
-                     PAIRWISE_QUESTION, JudgeError, fit_question, human_grade_view, human_view,
-                     pairwise_items, parse_grade, parse_preference, parse_score, render_context,
+                     PAIRWISE_QUESTION, JudgeError, dialogue_meta, fit_question, grade_record,
+                     human_grade_view, human_view, latest, pair_record, pairwise_items, pairwise_meta,
+                     parse_grade, parse_preference, parse_score, render_context,
                      shown_answers, undo_order)
 from report import (count_str, dialogue_title, format_dialogue, format_helpfulness, format_pairwise,
                     helpfulness_title, judges_of, pct, pairwise_title, png_chart, text_chart, usage_line)
@@ -137,6 +143,26 @@ class DialogueConfig(JudgeConfig):
     max_response_tokens: Optional[int] = field(default=None, metadata={"help": "cap on each response; default: up to the "
                                                "context (LIMA §5: 2,048 tokens, prompt included)", "min": 1})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples (over dialogues) for the 95% CIs", "min": 1})
+
+
+@dataclass
+class ServeConfig:
+    """LIMA §4 and §6 by people, in a browser: a page that shows each annotator one item at a
+    time (the pairwise question, or a dialogue's responses to grade) and a server (annotate.py)
+    that appends their labels to <out_dir>/<name>.jsonl, the judgement files of the terminal."""
+    a: str = field(default="", metadata={"help": "pairwise: generations of the system under test (e.g. LIMA)"})
+    b: str = field(default="", metadata={"help": "pairwise: generations of the system it is compared with"})
+    gen: str = field(default="", metadata={"help": "dialogue: the responses to grade (evaluate.py dialogue --gen)"})
+    out_dir: str = field(default="", metadata={"help": "one judgement file per annotator, <name>.jsonl; a restarted "
+                         "server resumes everyone from them"})
+    seed: int = field(default=0, metadata={"help": "seeds each prompt's A/B order (as pairwise --seed, recorded) "
+                      "and, with an annotator's name, the order of their items", "min": 0})
+    both_orders: bool = field(default=False, metadata={"help": "pairwise: ask every pair in both A/B orders"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on: 127.0.0.1 for this machine only; "
+                      "0.0.0.0 for others too, which requires a token"})
+    port: int = field(default=8000, metadata={"help": "0: any free port", "min": 0, "max": 65535})
+    token: Optional[str] = field(default=None, metadata={"help": "the secret every request must carry (in the link); "
+                                 "default: generated when --host is not loopback"})
 
 
 @dataclass
@@ -230,17 +256,12 @@ def check_out(out, *inputs, flag="--out"):
 
 
 def read_previous(path, expect, what):
-    """Records already in an --out file, for resuming (a torn last line is cut off); records
-    made with other settings are an error rather than silently mixed."""
-    if not os.path.exists(path):
-        return []
-    rows = data.read_jsonl(path, repair_tail=True)
-    for n, row in rows:
-        for name, value in expect.items():
-            if row.get(name) != value:
-                raise EvalError(f"{path}:{n}: this file holds {what} made with {name}={row.get(name)!r}, "
-                                f"not {value!r} as now; rerun with the same settings, or another --out")
-    return [row for _, row in rows]
+    """The judgements already in an --out file, to resume from (judging.read_previous); records
+    made with other settings are an EvalError rather than silently mixed."""
+    try:
+        return judging.read_previous(path, expect, what)
+    except judging.OtherSettingsError as e:
+        raise EvalError(str(e)) from None
 
 
 def load_judge(cfg):
@@ -289,7 +310,7 @@ def run_pairwise(cfg, judge=None, ask=input, show=print):
 def _run_pairwise(cfg, judge, ask, show):
     pairs = pair_generations(cfg.a, cfg.b)
     items = pairwise_items(pairs, cfg.seed, cfg.both_orders)
-    meta = {"judge": judge_name(cfg), "seed": cfg.seed, "a": _basename(cfg.a), "b": _basename(cfg.b)}
+    meta = pairwise_meta(judge_name(cfg), cfg.seed, cfg.a, cfg.b)
     previous = read_previous(cfg.out, meta, "judgements")
     by_id = pairs[0].id is not None
     done = {(prompt_key(r.get("id"), r.get("prompt", ""), by_id), r.get("order")) for r in previous}
@@ -305,11 +326,6 @@ def _run_pairwise(cfg, judge, ask, show):
     finally:
         out.close()
     return read_previous(cfg.out, meta, "judgements")
-
-
-def _pair_record(pair, order, raw, label, meta, **extra):
-    return {"id": pair.id, "source": pair.source, "prompt": pair.prompt, "order": order,
-            "raw": raw, "label": label, **meta, **extra}
 
 
 def _human_session(todo, total, out, meta, ask, show):
@@ -328,7 +344,7 @@ def _human_session(todo, total, out, meta, ask, show):
             show(f"\nstopped at {done}/{total}; every answer is saved in {out.path}. "
                  f"Run the same command to go on from here.")
             return
-        out.write(_pair_record(pair, order, key, undo_order(HUMAN_KEYS[key], order), meta))
+        out.write(pair_record(pair, order, key, undo_order(HUMAN_KEYS[key], order), meta))
         done += 1
     show(f"\nall {total} pairs judged; saved in {out.path}")
 
@@ -351,7 +367,7 @@ def _model_session(todo, judge, out, meta):
             for (pair, order), (_, trimmed), raw in zip(batch, fitted, raws):
                 label = undo_order(parse_preference(raw), order)
                 bad += label is None
-                out.write(_pair_record(pair, order, str(raw), label, meta, **reply_fields(raw, trimmed)))
+                out.write(pair_record(pair, order, str(raw), label, meta, **reply_fields(raw, trimmed)))
             bar.update(len(batch))
             bar.set_postfix(unparseable=bad)
 
@@ -565,7 +581,7 @@ def grade_dialogues(cfg, judge, ask, show):
     turns = data.read_dialogue_turns(cfg.gen)
     if not turns:
         raise EvalError(f"{cfg.gen}: no responses to grade")
-    meta = {"judge": judge_name(cfg), "gen": _basename(cfg.gen)}
+    meta = dialogue_meta(judge_name(cfg), cfg.gen)
     previous = read_previous(cfg.out, meta, "grades")
     done = {(r.get("dialogue"), r.get("turn")) for r in previous}
     # one conversation at a time, turn by turn, as its user read it (the file is in rounds)
@@ -587,11 +603,6 @@ def grade_dialogues(cfg, judge, ask, show):
     return read_previous(cfg.out, meta, "grades")
 
 
-def _grade_record(turn, raw, grade, meta, **extra):
-    return {"dialogue": turn["dialogue"], "turn": turn["turn"], "source": turn.get("source"),
-            "prompt": turn["prompt"], "raw": raw, "grade": grade, **meta, **extra}
-
-
 def _human_grading(todo, total, out, meta, ask, show):
     done = total - len(todo)
     for turn in todo:
@@ -608,7 +619,7 @@ def _human_grading(todo, total, out, meta, ask, show):
             show(f"\nstopped at {done}/{total}; every grade is saved in {out.path}. "
                  f"Run the same command to go on from here.")
             return
-        out.write(_grade_record(turn, key, GRADE_KEYS[key], meta))
+        out.write(grade_record(turn, key, GRADE_KEYS[key], meta))
         done += 1
     show(f"\nall {total} responses graded; saved in {out.path}")
 
@@ -625,9 +636,39 @@ def _model_grading(todo, judge, out, meta):
             for turn, (_, trimmed), raw in zip(batch, fitted, raws):
                 grade = parse_grade(raw)
                 bad += grade is None
-                out.write(_grade_record(turn, str(raw), grade, meta, **reply_fields(raw, trimmed)))
+                out.write(grade_record(turn, str(raw), grade, meta, **reply_fields(raw, trimmed)))
             bar.update(len(batch))
             bar.set_postfix(unparseable=bad)
+
+
+# ---- the human study in a browser (annotate.py) ---------------------------------------------------
+
+def run_serve(cfg):
+    """Pairwise (--a, --b) or dialogue (--gen) labelling by several people at once, until Ctrl-C."""
+    if not cfg.out_dir:
+        raise EvalError("--out_dir is required (one judgement file per annotator goes in it)")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise EvalError(f"--out_dir {cfg.out_dir} is a file; give a directory (one judgement file per annotator "
+                        f"goes in it)")
+    if bool(cfg.a) != bool(cfg.b) or bool(cfg.a) == bool(cfg.gen):
+        raise EvalError("give --a and --b (pairwise, LIMA §4) or --gen (dialogue grades, LIMA §6)")
+    inputs = [p for p in (cfg.a, cfg.b, cfg.gen) if p]
+    for path in inputs:  # a restarted server reads every .jsonl in --out_dir as an annotator's file
+        if os.path.abspath(os.path.dirname(path)) == os.path.abspath(cfg.out_dir):
+            raise EvalError(f"{path} is in --out_dir {cfg.out_dir}, which holds only the annotators' files; "
+                            f"give another --out_dir")
+    if cfg.gen:
+        turns = data.read_dialogue_turns(cfg.gen)
+        if not turns:
+            raise EvalError(f"{cfg.gen}: no responses to grade")
+        study = annotate.dialogue_study(turns, cfg.seed, cfg.gen)
+    else:
+        items = pairwise_items(pair_generations(cfg.a, cfg.b), cfg.seed, cfg.both_orders)
+        if not items:
+            raise EvalError(f"{cfg.a}: no prompts to judge")
+        study = annotate.pairwise_study(items, cfg.seed, cfg.a, cfg.b)
+    annotate.serve(study, cfg.out_dir, cfg.host, cfg.port, cfg.token)
+    return 0
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -636,7 +677,8 @@ RESULT_KINDS = {"label": "pairwise", "score": "helpfulness", "grade": "dialogue"
 
 
 def read_results(path):
-    """A judgement or grade file -> (kind, records)."""
+    """A judgement or grade file -> (kind, records), the last record of each item (a label
+    changed in the browser study supersedes the one before it)."""
     rows = data.read_jsonl(path)
     if not rows:
         raise EvalError(f"{path}: empty")
@@ -649,7 +691,7 @@ def read_results(path):
         kinds.add(kind)
     if len(kinds) > 1:
         raise EvalError(f"{path}: mixes {' and '.join(sorted(kinds))} results")
-    return kinds.pop(), [row for _, row in rows]
+    return kinds.pop(), latest(row for _, row in rows)
 
 
 def run_report(cfg, paths):
@@ -713,6 +755,7 @@ COMMANDS = {  # name: (config class, positional files (nargs), what it does)
     "pairwise": (PairwiseConfig, None, "judge two generation files pairwise (LIMA §4)"),
     "helpfulness": (HelpfulnessConfig, None, "grade responses 1-6 with a judge model (LIMA §5)"),
     "dialogue": (DialogueConfig, None, "converse, and grade every response fail / pass / excellent (LIMA §6)"),
+    "serve": (ServeConfig, None, "pairwise or dialogue labelling by several people in a browser (LIMA §4, §6)"),
     "report": (ReportConfig, "+", "tables and a chart of judgement / grade files"),
     "agreement": (AgreementConfig, 2, "agreement of two judgement files (LIMA §4)"),
 }
@@ -759,6 +802,8 @@ def main(argv=None):
             if records:
                 s = dialogue_summary(records, cfg.bootstrap)
                 print(format_dialogue(s, dialogue_title(records, cfg.out)))
+        elif command == "serve":
+            run_serve(cfg)
         elif command == "report":
             run_report(cfg, inputs)
         else:
@@ -786,7 +831,7 @@ def _count(path):
 
 def kept_note(command, cfg):
     """For an error mid-session: where what was made is kept ("" when nothing was)."""
-    outputs = ([cfg.gen] if command == "dialogue" and cfg.checkpoint else []) + [cfg.out]
+    outputs = ([cfg.gen] if command == "dialogue" and cfg.checkpoint else []) + [getattr(cfg, "out", None)]
     outputs = [p for p in outputs if p and os.path.isfile(p)]
     if not outputs:
         return ""

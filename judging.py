@@ -10,6 +10,7 @@ takes at a time. An answer may be a Reply, a str that also carries what the serv
 (`meta`: token usage), which is recorded with the judgement.
 """
 
+import json
 import os
 import random
 import re
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import checkpoint
 import config
+import data
 from generate import respond
 
 # LIMA Appendix C, verbatim: what the annotators and GPT-4 were asked.
@@ -160,25 +162,41 @@ def pairwise_items(pairs, seed, both_orders):
     return items
 
 
-HUMAN_KEYS = {"a": "A", "b": "B", "t": "tie", "s": "skip"}
+HUMAN_KEYS = {"a": "A", "b": "B", "t": "tie", "s": "skip"}  # what a person types -> the label as shown
+
+
+def pairwise_parts():
+    """The paper's pairwise question (Appendix C), word for word, cut where a page lays it out:
+    the words before the question, the question asked after the answers, and its three options
+    keyed a / b / t. -> (intro, ask, [(key, option)])"""
+    intro, rest = PAIRWISE_QUESTION.split("\nQuestion:")
+    ask, *options = rest.split("\n")[-4:]  # "Comparing ...?" and the three "- ..." options
+    return intro, ask, [(k, o[2:]) for k, o in zip("abt", options)]
 
 
 def human_view(pair, order, progress):
     """The paper's question, word for word, laid out for reading: each answer in its own block
     and the three options keyed a / b / t."""
     answer_a, answer_b = shown_answers(pair, order)
-    intro, rest = PAIRWISE_QUESTION.split("\nQuestion:")
-    options = rest.split("\n")[-4:]  # "Comparing ...?" and the three options
+    intro, ask, options = pairwise_parts()
     where = " | ".join(x for x in (pair.source and f"source {pair.source}",
                                    pair.id is not None and f"id {pair.id}") if x)
     rule = "-" * 30
     return "\n".join([f"\n{'=' * 30} {progress} {where} {'=' * 30}", intro, "", "Question:", pair.prompt, "",
                       f"{rule} Answer A {rule}", answer_a, "", f"{rule} Answer B {rule}", answer_b, "",
-                      options[0]] + [f"  [{k}] {o[2:]}" for k, o in zip("abt", options[1:])] +
+                      ask] + [f"  [{k}] {o}" for k, o in options] +
                      ["  [s] skip this pair   [q] save and quit (rerun the same command to go on)"])
 
 
 GRADE_KEYS = {"f": "fail", "p": "pass", "e": "excellent", "s": "skip"}
+
+
+def grade_parts():
+    """The three grades as the dialogue question defines them (LIMA §6), keyed f / p / e.
+    -> (ask, [(key, definition)])"""
+    definitions = DIALOGUE_QUESTION.split("one of three grades:\n")[1].splitlines()[:3]
+    return ("Grade the response, in the context of the conversation:",
+            [(line[0].lower(), line) for line in definitions])
 
 
 def human_grade_view(turn, progress):
@@ -187,13 +205,84 @@ def human_grade_view(turn, progress):
     where = " | ".join(x for x in (f"dialogue {turn['dialogue']}, turn {turn['turn']}",
                                    turn.get("source") and f"source {turn['source']}") if x)
     rule = "-" * 30
-    definitions = DIALOGUE_QUESTION.split("one of three grades:\n")[1].splitlines()[:3]
+    ask, grades = grade_parts()
     return "\n".join([f"\n{'=' * 30} {progress} {where} {'=' * 30}", "The conversation so far:",
                       render_context(turn["context"]), "", f"User: {turn['prompt']}", "",
-                      f"{rule} Response {rule}", turn["response"], "",
-                      "Grade the response, in the context of the conversation:"] +
-                     [f"  [{line[0].lower()}] {line}" for line in definitions] +
+                      f"{rule} Response {rule}", turn["response"], "", ask] +
+                     [f"  [{k}] {line}" for k, line in grades] +
                      ["  [s] skip this response   [q] save and quit (rerun the same command to go on)"])
+
+
+# ---- judgement files ---------------------------------------------------------------------------
+# Every judgement is one JSON line, appended the moment it is made (data.Appender): the terminal
+# sessions of evaluate.py and the browser study (annotate.py) write the same records through these
+# functions. A person may change an earlier label (the browser's "back"): the new record is
+# appended and supersedes the old one, which stays in the file as history. Whoever reads a file
+# takes the last record of each item (`latest`); files written in one pass hold one per item.
+
+def pairwise_meta(judge, seed, a, b):
+    """What every pairwise judgement records besides its item: who judged, the seed of the A/B
+    orders and the two generation files (by name), so a resumed session must match them."""
+    return {"judge": judge, "seed": seed, "a": _basename(a), "b": _basename(b)}
+
+
+def dialogue_meta(judge, gen):
+    return {"judge": judge, "gen": _basename(gen)}
+
+
+def _basename(path):
+    return os.path.basename(os.path.normpath(path)) if path else path
+
+
+def pair_record(pair, order, raw, label, meta, **extra):
+    """A pairwise judgement: label is in terms of the files ("a", "b", "tie"; "skip"; None when
+    a judge's answer is unparseable), raw what the judge said or the key the person pressed."""
+    return {"id": pair.id, "source": pair.source, "prompt": pair.prompt, "order": order,
+            "raw": raw, "label": label, **meta, **extra}
+
+
+def grade_record(turn, raw, grade, meta, **extra):
+    """A dialogue grade (LIMA §6): "fail", "pass", "excellent"; "skip"; None when unparseable."""
+    return {"dialogue": turn["dialogue"], "turn": turn["turn"], "source": turn.get("source"),
+            "prompt": turn["prompt"], "raw": raw, "grade": grade, **meta, **extra}
+
+
+_ITEM_FIELDS = ("judge", "a", "b", "gen", "id", "order", "sample", "dialogue", "turn")
+
+
+def item_of(record):
+    """What a record judges, by whom: two records with the same item_of label the same thing (a
+    later one is a changed label). Prompts without an id are told apart by their text."""
+    same_prompt = (None if record.get("id") is not None or record.get("dialogue") is not None
+                   else data.prompt_key(None, record.get("prompt") or "", False))
+    return json.dumps([record.get(f) for f in _ITEM_FIELDS] + [same_prompt], sort_keys=True, default=str)
+
+
+def latest(records):
+    """The last record of each item, in the order the items were first judged."""
+    last = {}
+    for r in records:
+        last[item_of(r)] = r  # a re-assigned key keeps its first position in the dict
+    return list(last.values())
+
+
+class OtherSettingsError(data.DataError):
+    """A judgement file holds records made with other settings than the session's."""
+
+
+def read_previous(path, expect, what, fix="rerun with the same settings, or another --out"):
+    """The records already in a judgement file we append to (a torn last line is cut off), the
+    last of each item; records made with other settings (`expect`: field -> value) are an
+    OtherSettingsError, not silently mixed in."""
+    if not os.path.exists(path):
+        return []
+    rows = data.read_jsonl(path, repair_tail=True)
+    for n, row in rows:
+        for name, value in expect.items():
+            if row.get(name) != value:
+                raise OtherSettingsError(f"{path}:{n}: this file holds {what} made with {name}={row.get(name)!r}, "
+                                     f"not {value!r} as now; {fix}")
+    return latest(row for _, row in rows)
 
 
 # ---- judge models ------------------------------------------------------------------------------
