@@ -287,7 +287,7 @@ def main(argv=None):
             raise SystemExit(f"error: with no mutation, {' '.join(every)} do not pass ({detail}, exit "
                              f"{code}): a mutation cannot be caught by tests that fail anyway. Fix them first.")
         print(f"no mutation: {' '.join(every)} pass ({seconds:.0f} s)", file=sys.stderr)
-        rows = []
+        rows, started = [], time.perf_counter()
         for i, m in enumerate(chosen):
             path = os.path.join(copy, m.file)
             with open(path) as f:
@@ -308,7 +308,10 @@ def main(argv=None):
                 result = verdict(code)
                 rows.append((m.name, m.file, shown, f"{result}: {detail}" if result != "missed" else result,
                              round(seconds)))
-            print(f"[{i + 1}/{len(chosen)}] {rows[-1][0]}: {rows[-1][3]} ({rows[-1][4]} s)", file=sys.stderr, flush=True)
+            spent = time.perf_counter() - started
+            left = spent / (i + 1) * (len(chosen) - i - 1)
+            print(f"[{i + 1}/{len(chosen)}] {rows[-1][0]}: {rows[-1][3]} ({rows[-1][4]} s; "
+                  f"{spent / 60:.0f} min so far, about {left / 60:.0f} min left)", file=sys.stderr, flush=True)
     finally:
         if cfg.keep:
             print(f"kept: {copy}", file=sys.stderr)

@@ -25,7 +25,6 @@ from torch.distributed.tensor import DTensor
 import checkpoint
 import data
 import generate
-import kernels
 import model as M
 import prepare_data
 import train
@@ -132,6 +131,8 @@ def test_two_adamw_steps_equal_the_update_by_hand():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_weight_decay_is_on_the_matrices_only(tied):
+    """Two groups, as the optimizer holds them: decay 0.1 on every matrix (embedding and output
+    head included), none on the norms' gains; a tied head is one parameter, in the first."""
     model = tiny_model(tie_embeddings=tied)
     optimizer = train.make_optimizer(model, PAPER)
     groups = groups_by_name(model, optimizer)
@@ -148,8 +149,8 @@ def test_weight_decay_is_on_the_matrices_only(tied):
 
 
 class Constant(torch.nn.Module):
-    """A matrix and a gain, each holding one value everywhere: the mean of the bf16 results is
-    then an estimate of the expected value of every element."""
+    """A matrix and a gain (named as the norms' are), each holding one value everywhere: the mean
+    of the bf16 results is then an estimate of the expected value of every element."""
 
     def __init__(self, dtype):
         super().__init__()
@@ -415,8 +416,9 @@ def test_every_rms_norm_of_the_model_is_the_formula_where_eps_matters(scale, eps
 
 # ---- decoding (LIMA §5): penalty, temperature, nucleus, stop, 2,048 tokens -------------------------
 
-# The logits of a bigram model: row a is what follows token a. Token 0 is the prompt, 5 is the
-# end of turn; rows 3 and 4 are never reached in two steps (the nucleus drops 3 and 4 at step 1).
+# The logits of a bigram model: row a is what follows token a. Token 0 is the prompt (and the
+# likeliest first token, so penalising the prompt would show), 5 the end of turn. The nucleus of
+# the first step is {0, 1, 2}: rows 3 to 5 are never read.
 BIGRAM = [[2.2, 1.6, 1.7, 0.2, -1.0, 0.4],
           [1.5, 2.0, 0.8, 1.2, -0.5, 0.9],
           [-3.0, -2.4, -0.8, -3.5, -1.2, -2.6],  # negative: the penalty multiplies
