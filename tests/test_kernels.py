@@ -33,6 +33,14 @@ ATTENTION_CASES = {
     # q, k, v as views into one fused qkv projection, the way the model makes them
     "strided": dict(B=2, T=45, H=4, H_kv=2, D=16, fused_qkv=True),
 }
+# Scores of a hundred and more (q and k scaled by 12): exp of such a score overflows fp32 unless
+# the running maximum is subtracted first, as the online softmax does, forward and backward;
+# at unit scale a kernel that skipped it would pass. On a GPU in fp32 only: in bf16 these near
+# one-hot rows make dS a difference of nearly equal terms, O's rounding included (not measured).
+LARGE_SCORE_CASES = {
+    "large_scores_gqa": dict(B=2, T=45, H=4, H_kv=2, D=16, scale=12.0),
+    "large_scores_packed": dict(B=1, lengths=[20, 1, 30, 13], H=2, H_kv=1, D=32, scale=12.0),
+}
 # GPU only: long enough to cross the GPU block sizes (128), head dims of the real models
 CUDA_ATTENTION_CASES = {
     "T1000_d128_gqa": dict(B=2, T=1000, H=4, H_kv=2, D=128),
@@ -44,6 +52,10 @@ RMS_NORM_CASES = {
     "row1_dim16": dict(shape=(1, 16)),
     "dim16384": dict(shape=(3, 16384)),
     "strided": dict(shape=(6, 48), strided=True),  # x: a slice of a wider tensor
+    # where eps is a large part of mean(x^2) + eps: small activations (LLaMA's eps), a large eps
+    "small_x_eps1e-5": dict(shape=(7, 64), scale=1e-3, eps=1e-5),
+    "tiny_x_eps1e-6": dict(shape=(5, 100), scale=1e-4, eps=1e-6),
+    "large_eps": dict(shape=(6, 48), eps=0.5),
 }
 # GPU only: enough rows that each backward program walks several tiles, with a ragged last one
 CUDA_RMS_NORM_CASES = {
@@ -62,14 +74,16 @@ def rel_err(out, ref):
     return ((out - ref).norm() / ref_norm if ref_norm > 0 else out.norm()).item()
 
 
-def attention_errors(B, H, H_kv, D, T=None, lengths=None, fused_qkv=False,
+def attention_errors(B, H, H_kv, D, T=None, lengths=None, fused_qkv=False, scale=1.0,
                      device="cpu", dtype=torch.float32):
     from kernels.attention import attention_reference, attention_triton
     g = torch.Generator().manual_seed(0)
     T = sum(lengths) if lengths else T
     cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).int() if lengths else None
     sizes = [H * D, H_kv * D, H_kv * D]
-    qkv = torch.randn(B, T, sum(sizes), generator=g).to(dtype)  # rounded once: both sides see it
+    qkv = torch.randn(B, T, sum(sizes), generator=g)
+    qkv[..., :H * D + H_kv * D] *= scale  # q and k: the scores scale by scale^2
+    qkv = qkv.to(dtype)  # rounded once: both sides see it
     do = torch.randn(B, T, H, D, generator=g).to(dtype)
 
     def run(attention, qkv, do, cu_seqlens):
@@ -87,17 +101,17 @@ def attention_errors(B, H, H_kv, D, T=None, lengths=None, fused_qkv=False,
     return {name: rel_err(a, b) for name, a, b in zip(["out", "dq", "dk", "dv"], ours, ref)}
 
 
-def rms_norm_errors(shape, strided=False, device="cpu", dtype=torch.float32):
+def rms_norm_errors(shape, strided=False, scale=1.0, eps=1e-6, device="cpu", dtype=torch.float32):
     from kernels.rmsnorm import rms_norm_reference, rms_norm_triton
     g = torch.Generator().manual_seed(0)
     N = shape[-1]
-    x = torch.randn(*shape[:-1], N + 5 if strided else N, generator=g).to(dtype)
+    x = (scale * torch.randn(*shape[:-1], N + 5 if strided else N, generator=g)).to(dtype)
     w = (1 + 0.1 * torch.randn(N, generator=g)).to(dtype)
     dy = torch.randn(shape, generator=g).to(dtype)
 
     def run(rms_norm, x, w, dy):
         x, w = x.requires_grad_(), w.requires_grad_()
-        y = rms_norm(x[..., :N], w, 1e-6)
+        y = rms_norm(x[..., :N], w, eps)
         return [y, *torch.autograd.grad(y, (x, w), dy)]
 
     ours = run(rms_norm_triton, x.to(device), w.to(device), dy.to(device))
@@ -143,7 +157,7 @@ def compiled_errors():
 
 
 def interpreted_results():
-    cases = {f"attention/{n}": (attention_errors, c) for n, c in ATTENTION_CASES.items()}
+    cases = {f"attention/{n}": (attention_errors, c) for n, c in (ATTENTION_CASES | LARGE_SCORE_CASES).items()}
     cases |= {f"rms_norm/{n}": (rms_norm_errors, c) for n, c in RMS_NORM_CASES.items()}
     cases["compiled"] = (compiled_errors, {})
     results = {}
@@ -177,7 +191,7 @@ def assert_close(errors, tol):
     assert all(err < tol for err in errors.values()), errors  # NaN (unwritten) fails too
 
 
-@pytest.mark.parametrize("name", ATTENTION_CASES)
+@pytest.mark.parametrize("name", [*ATTENTION_CASES, *LARGE_SCORE_CASES])
 def test_attention_interpreted(interpreted, name):
     assert_close(interpreted[f"attention/{name}"], 1e-4)
 
@@ -241,6 +255,13 @@ def test_attention_cuda(name, dtype, tol, monkeypatch):
     monkeypatch.setenv("LIMA_KERNELS_POISON", "1")
     case = ATTENTION_CASES.get(name) or CUDA_ATTENTION_CASES[name]
     assert_close(attention_errors(**case, device="cuda", dtype=dtype), tol)
+
+
+@cuda
+@pytest.mark.parametrize("name", LARGE_SCORE_CASES)
+def test_attention_large_scores_cuda(name, monkeypatch):
+    monkeypatch.setenv("LIMA_KERNELS_POISON", "1")
+    assert_close(attention_errors(**LARGE_SCORE_CASES[name], device="cuda", dtype=torch.float32), 1e-4)
 
 
 @cuda
