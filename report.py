@@ -3,6 +3,7 @@ means, the §6 dialogue grades): text for the terminal, a PNG where matplotlib i
 (optional). And a training run's curves as a PNG (`training_curves`), which train.py redraws
 every epoch."""
 
+import html
 import io
 import os
 
@@ -218,24 +219,30 @@ def _stacked_panel(ax, rows, parts):
 
 # ---- a training run ---------------------------------------------------------------------------
 
-TRAINING_CURVES = "training_curves.png"
+TRAINING_CURVES = "training_curves.png"  # drawn by matplotlib where it is installed
+TRAINING_CURVES_SVG = "training_curves.svg"  # otherwise drawn here, needing nothing
 
 
 def training_curves(out_dir):
-    """training_curves.png in a train.py out_dir, from its metrics.jsonl (loss and learning rate
-    per step) and dev.jsonl (dev loss per epoch): the training loss per step with its mean over
-    each epoch, the dev loss at each epoch's end (LIMA §3: it may rise while the answers get
-    better, so it is read, not obeyed), and the learning rate. -> the path, or None when
-    matplotlib is not installed or there is nothing to draw yet."""
+    """A picture of a train.py out_dir's metrics.jsonl (loss and learning rate per step) and
+    dev.jsonl (dev loss per epoch): the training loss per step with its mean over each epoch, the
+    dev loss at each epoch's end (LIMA §3: it may rise while the answers get better, so it is
+    read, not obeyed), and the learning rate. training_curves.png where matplotlib is installed,
+    else the same curves as training_curves.svg. -> the path, or None when there is nothing to
+    draw yet."""
     def rows(name):
         path = os.path.join(out_dir, name)
         return [r for _, r in data.read_jsonl(path, repair_tail=True)] if os.path.exists(path) else []
 
     steps = rows("metrics.jsonl")
     dev = {r["epoch"]: r for r in rows("dev.jsonl")}  # a resumed run may repeat an epoch: the last
-    plt = pyplot() if steps else None
-    if plt is None:
+    if not steps:
         return None
+    plt = pyplot()
+    if plt is None:
+        path = os.path.join(out_dir, TRAINING_CURVES_SVG)
+        files.write_atomic(path, training_curves_svg(steps, dev, os.path.basename(os.path.abspath(out_dir))).encode())
+        return path
     step = np.array([r["step"] for r in steps])
     epoch = np.array([r["epoch"] for r in steps])
     loss = np.array([r["loss"] for r in steps])
@@ -269,3 +276,68 @@ def training_curves(out_dir):
     path = os.path.join(out_dir, TRAINING_CURVES)
     files.write_atomic(path, png.getvalue())
     return path
+
+
+def training_curves_svg(steps, dev, title, width=900, height=620):
+    """The curves of training_curves as SVG text, drawn by hand (no plotting library): the loss
+    panel above (per step, epoch means as dots, dev loss as squares), the learning rate below,
+    grey lines at the epoch ends."""
+    step = np.array([r["step"] for r in steps], dtype=float)
+    epoch = np.array([r["epoch"] for r in steps])
+    loss = np.array([r["loss"] for r in steps], dtype=float)
+    lr = np.array([r["lr"] for r in steps], dtype=float)
+    epochs = np.unique(epoch)
+    ends = np.array([step[epoch == e].max() for e in epochs])
+    means = np.array([loss[epoch == e].mean() for e in epochs])
+    dev_x = np.array([r["step"] - 1 for r in dev.values()], dtype=float)
+    dev_y = np.array([r["dev_loss"] for r in dev.values()], dtype=float)
+    left, right, x_lo, x_hi = 80, width - 20, step.min(), max(step.max(), step.min() + 1)
+    x = lambda v: left + (v - x_lo) / (x_hi - x_lo) * (right - left)
+
+    def panel(top, bottom, values):  # -> y(v) for a panel spanning [top, bottom] pixels
+        finite = values[np.isfinite(values)]
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+        lo, hi = (lo - 0.5, hi + 0.5) if hi == lo else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        return lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top), lo, hi
+
+    def line(xs, ys, y, **style):
+        points = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in zip(xs, ys) if np.isfinite(b))
+        attrs = " ".join(f'{k.replace("_", "-")}="{v}"' for k, v in style.items())
+        return f'<polyline fill="none" points="{points}" {attrs}/>'
+
+    def text(px, py, s, **style):
+        attrs = " ".join(f'{k.replace("_", "-")}="{v}"' for k, v in style.items())
+        return f'<text x="{px:.1f}" y="{py:.1f}" {attrs}>{html.escape(str(s))}</text>'
+
+    y_loss, loss_lo, loss_hi = panel(40, 420, np.concatenate([loss, dev_y]))
+    y_lr, lr_lo, lr_hi = panel(460, 580, lr)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>',
+           text(width / 2, 22, f"{title}: epoch {epoch.max()}, step {int(step.max()) + 1}", text_anchor="middle",
+                font_size="14")]
+    for e in ends:
+        out.append(f'<line x1="{x(e + 0.5):.1f}" x2="{x(e + 0.5):.1f}" y1="40" y2="580" stroke="#dddddd"/>')
+    for top, bottom, lo, hi, fmt in ((40, 420, loss_lo, loss_hi, "{:.3f}"), (460, 580, lr_lo, lr_hi, "{:.2e}")):
+        out.append(f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="none" stroke="#888888"/>')
+        out += [text(left - 6, top + 10, fmt.format(hi), text_anchor="end"), text(left - 6, bottom, fmt.format(lo), text_anchor="end")]
+    out.append(line(step, loss, y_loss, stroke="#4c72b0", stroke_opacity="0.35"))
+    out.append(line(ends, means, y_loss, stroke="#4c72b0", stroke_width="2"))
+    out += [f'<circle cx="{x(a):.1f}" cy="{y_loss(b):.1f}" r="3.5" fill="#4c72b0"/>' for a, b in zip(ends, means)]
+    if dev:
+        out.append(line(dev_x, dev_y, y_loss, stroke="#dd8452", stroke_width="2"))
+        out += [f'<rect x="{x(a) - 3.5:.1f}" y="{y_loss(b) - 3.5:.1f}" width="7" height="7" fill="#dd8452"/>'
+                for a, b in zip(dev_x, dev_y) if np.isfinite(b)]
+        i = int(np.nanargmin(dev_y))
+        anchor = "end" if x(dev_x[i]) > right - 60 else "middle"  # kept inside the picture
+        out.append(text(x(dev_x[i]), y_loss(dev_y[i]) + 18, f"lowest {dev_y[i]:.3f}", text_anchor=anchor, fill="#dd8452"))
+    out.append(line(step, lr, y_lr, stroke="#55a868", stroke_width="2"))
+    legend = (("#4c72b0", "train loss (step; dots: epoch mean)"), ("#dd8452", "dev loss (epoch end)"),
+              ("#55a868", "learning rate (lower panel)"))
+    for i, (color, label) in enumerate(legend):
+        out += [f'<line x1="{right - 260}" x2="{right - 236}" y1="{58 + 16 * i}" y2="{58 + 16 * i}" stroke="{color}" stroke-width="3"/>',
+                text(right - 230, 62 + 16 * i, label)]
+    out += [text(18, 230, "loss (nats per supervised token)", transform="rotate(-90 18 230)", text_anchor="middle"),
+            text(18, 520, "learning rate", transform="rotate(-90 18 520)", text_anchor="middle"),
+            text(left, 594, int(x_lo), text_anchor="middle"), text(right, 594, int(step.max()), text_anchor="middle"),
+            text((left + right) / 2, 606, "step (grey lines: epoch ends)", text_anchor="middle"), "</svg>"]
+    return "\n".join(out) + "\n"

@@ -28,7 +28,8 @@ def earlier_run(out_dir):
     """The files a run of train.py leaves in out_dir (only these names: nothing else is ours)."""
     if not os.path.isdir(out_dir):
         return []
-    ours = ("metrics.jsonl", "dev.jsonl", report.TRAINING_CURVES, "train_config.json", "dev_generations",
+    ours = ("metrics.jsonl", "dev.jsonl", report.TRAINING_CURVES, report.TRAINING_CURVES_SVG, "train_config.json",
+            "dev_generations",
             distributed.RESUME, distributed.RESUME + ".tmp", distributed.RESUME + ".old")
     return sorted(n for n in os.listdir(out_dir) if n in ours or re.fullmatch(r"epoch_\d+", n))
 

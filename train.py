@@ -619,9 +619,8 @@ def loop(run):
                 break  # stopped by --max_steps
             end_of_epoch(run, epoch)
     saved = [name for name in rundir.earlier_run(cfg.out_dir) if name.startswith("epoch_")]
-    curves = (f"{report.TRAINING_CURVES} (the curves as a picture), " if os.path.exists(
-        os.path.join(cfg.out_dir, report.TRAINING_CURVES)) else "no training_curves.png (it needs "
-        "matplotlib), " if report.pyplot() is None else "")
+    curves = "".join(f"{name} (the curves as a picture), " for name in (report.TRAINING_CURVES, report.TRAINING_CURVES_SVG)
+                     if os.path.exists(os.path.join(cfg.out_dir, name)))
     log(f"done: {run.step} steps. In {cfg.out_dir}: metrics.jsonl (one line per step), dev.jsonl "
         f"(dev loss per epoch), {curves}dev_generations/ (responses to read when picking a "
         f"checkpoint), resume/ (for --resume), checkpoints {', '.join(saved) or 'none'}")

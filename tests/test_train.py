@@ -127,8 +127,10 @@ def test_lr_schedule_and_metrics(reference):
 
 
 def test_training_curves_are_drawn_each_epoch(setup, reference):
-    png = setup / "ref" / "training_curves.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if report.pyplot() is not None:
+        assert (setup / "ref" / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:  # drawn without matplotlib
+        assert (setup / "ref" / "training_curves.svg").read_text().startswith("<svg")
 
 
 def test_training_curves_plot_the_logged_numbers(tmp_path, monkeypatch):
@@ -155,9 +157,38 @@ def test_training_curves_plot_the_logged_numbers(tmp_path, monkeypatch):
 
     (tmp_path / "training_curves.png").unlink()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
-    assert report.pyplot() is None and report.training_curves(str(tmp_path)) is None
-    assert not (tmp_path / "training_curves.png").exists()
+    assert report.pyplot() is None
     assert report.training_curves(str(tmp_path / "nothing yet")) is None
+
+
+def test_training_curves_without_matplotlib_are_an_svg_of_the_logged_numbers(tmp_path, monkeypatch):
+    """Without matplotlib the same curves are drawn by hand as SVG: the loss of each step, the
+    epoch means, the last dev loss of each epoch, the learning rate; a torn last line ignored."""
+    import xml.etree.ElementTree as ET
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    steps = [dict(step=i, epoch=i // 3 + 1, loss=3.0 - 0.1 * i, lr=1e-5 - 1e-6 * i) for i in range(6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps) + '{"step": 6, "lo')
+    dev = [dict(epoch=1, step=3, dev_loss=2.5), dict(epoch=1, step=3, dev_loss=2.4), dict(epoch=2, step=6, dev_loss=2.6)]
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
+    assert report.training_curves(str(tmp_path)) == str(tmp_path / "training_curves.svg")
+    assert not (tmp_path / "training_curves.png").exists()
+    svg = ET.parse(tmp_path / "training_curves.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    per_step, per_epoch, dev_line, lr = [[tuple(map(float, p.split(","))) for p in line.get("points").split()]
+                                         for line in svg.iter(ns + "polyline")]
+    assert len(per_step) == len(lr) == 6 and len(per_epoch) == len(dev_line) == 2
+
+    def linear(pixels, values):  # pixel coordinates are one affine map of the values
+        a, b = np.polyfit(values, pixels, 1)
+        return np.allclose(np.polyval([a, b], values), pixels, atol=0.11)
+
+    xs = [p[0] for p in per_step]
+    assert linear(xs, [r["step"] for r in steps]) and xs == sorted(xs)
+    loss_y = [p[1] for p in per_step] + [p[1] for p in per_epoch] + [p[1] for p in dev_line]
+    assert linear(loss_y, [r["loss"] for r in steps] + [2.9, 2.6] + [2.4, 2.6])
+    assert [p[0] for p in per_epoch] == [p[0] for p in dev_line] == [xs[2], xs[5]]
+    assert linear([p[1] for p in lr], [r["lr"] for r in steps])
+    assert "lowest 2.400" in (tmp_path / "training_curves.svg").read_text()
 
 
 def test_paper_defaults():
