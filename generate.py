@@ -136,7 +136,9 @@ def prefill(model, tokens, lengths, rows=None):
     out = None
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
-        pos = torch.arange(s, e, device=tokens.device).expand(B, -1)
+        # the first chunk is positions 0..e-1: plain causal attention (no input_pos); later
+        # ones attend to the cache through the mask
+        pos = None if s == 0 else torch.arange(s, e, device=tokens.device).expand(B, -1)
         logits = model(tokens[:, s:e], input_pos=pos, cache_rows=rows,
                        logits_at=(last - s).clamp(0, e - s - 1))  # (B, V)
         here = ((last >= s) & (last < e)).to(logits.device)
@@ -188,8 +190,8 @@ def decode(model, prompts, *, stop_ids, batch_size=16, seeds=None,
     every CHECK_EVERY steps (a host sync) and when one's budget ends.
 
     prompts: token-id lists, BOS included. seeds: one per prompt when sampling (temperature >
-    0): each prompt draws from its own generator, so its answer does not depend on the others
-    (nor, greedy or sampled, on batch_size). on_token(index, id) sees each kept token as it is
+    0; default: drawn from torch's global generator): each prompt draws from its own generator,
+    so its answer does not depend on the others (nor, greedy or sampled, on batch_size). on_token(index, id) sees each kept token as it is
     made (a host sync per step): for streaming. progress(n) is told, every 8 steps and at the
     end, how many tokens the answers gained since its last call. vocab_size: ids at or past
     it are never sampled (a padded embedding's rows). The model is put in eval mode and given
@@ -207,8 +209,8 @@ def decode(model, prompts, *, stop_ids, batch_size=16, seeds=None,
     budgets = [context - len(p) if max_new_tokens is None else min(max_new_tokens, context - len(p))
                for p in prompts]
     sampled = temperature > 0
-    if sampled and (seeds is None or len(seeds) != n_prompts):
-        raise ValueError("sampling needs one seed per prompt (prompt_seed or draw_seeds)")
+    if sampled and seeds is None:
+        seeds = draw_seeds(None, n_prompts)
     stops = set(stop_ids)
     lockstep = all_done is not None
     all_done = all_done or (lambda done: bool(done.all()))
@@ -264,6 +266,7 @@ def decode(model, prompts, *, stop_ids, batch_size=16, seeds=None,
         admit(list(range(B)))
         step, total, reported, pending = 0, 0, 0, []  # total: tokens kept so far, all prompts
         while True:
+            refill = []
             nxt = sample_next(logits, penalized, temperature=temperature, top_p=top_p,
                               repetition_penalty=repetition_penalty, generator=gens if sampled else None)
             pending.append(nxt)
@@ -298,22 +301,18 @@ def decode(model, prompts, *, stop_ids, batch_size=16, seeds=None,
                 if all_done(torch.tensor([w is None for w in who], device=out_device)) and not queue:
                     break
                 idle = [b for b in range(B) if who[b] is None]
-                if queue and idle:
-                    refill = idle[:len(queue)]
+                if queue:
+                    refill = idle[:len(queue)]  # prefilled after this step's tokens are fed
                 elif idle and not lockstep and not compile:
                     # no prompt left: finished rows leave the batch (each row is work on a CPU,
                     # and a long cache's reads on a GPU); a compiled step keeps its shapes
                     keep = [b for b in range(B) if who[b] is not None]
                     rows = torch.tensor(keep, device=device)
                     model.keep_cache_rows(rows)
-                    pos, nxt, logits = pos[rows], nxt[rows.to(nxt.device)], logits[rows.to(out_device)]
+                    pos, nxt = pos[rows], nxt[rows.to(nxt.device)]
                     penalized = None if penalized is None else penalized[rows.to(out_device)]
                     who, kept, count, ended, gens = ([x[b] for b in keep] for x in (who, kept, count, ended, gens))
-                    B, refill = len(keep), []
-                else:
-                    refill = []
-            else:
-                refill = []
+                    B = len(keep)
             # feed each row's token at its position; the cache grows to what running rows need
             # (finished and idle rows keep writing, clamped, into their own row, which nobody reads)
             needed = max((len(prompts[who[b]]) + count[b] - 1 for b in range(B) if not ended[b]),

@@ -260,15 +260,21 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v, rows=None):
-        """input_pos (B, T); k, v (B, T, n_kv_heads, head_dim); rows (B,): the cache rows these
-        batch rows own (default 0..B-1). Returns this batch's keys and values,
-        (B, n_kv_heads, S, head_dim) each."""
-        index = torch.arange(k.shape[0], device=k.device) if rows is None else rows
-        # self.k[index, :, pos] is (B, T, n_kv_heads, head_dim): the indexed dims come first
-        self.k[index[:, None], :, input_pos] = k.to(self.k.dtype)
-        self.v[index[:, None], :, input_pos] = v.to(self.v.dtype)
+        """Store k, v (B, T, n_kv_heads, head_dim) at positions input_pos (B, T), or at 0..T-1
+        when it is None (a prefill), in cache rows `rows` (B,) (default 0..B-1). Returns this
+        batch's keys and values, (B, n_kv_heads, S, head_dim) each."""
+        B, T = k.shape[:2]
+        index = torch.arange(B, device=k.device) if rows is None else rows
+        if input_pos is None:
+            # self.k[index, :, :T] is (B, n_kv_heads, T, head_dim)
+            self.k[index, :, :T] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[index, :, :T] = v.transpose(1, 2).to(self.v.dtype)
+        else:
+            # self.k[index, :, pos] is (B, T, n_kv_heads, head_dim): the indexed dims come first
+            self.k[index[:, None], :, input_pos] = k.to(self.k.dtype)
+            self.v[index[:, None], :, input_pos] = v.to(self.v.dtype)
         if rows is None:
-            return self.k[: k.shape[0]], self.v[: k.shape[0]]
+            return self.k[:B], self.v[:B]
         return self.k[rows], self.v[rows]
 
     def grown(self, length):
@@ -302,10 +308,12 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is None:
-            out = kernels.attention(q, k, v, cu_seqlens)  # (B, T, n_heads, head_dim)
-        else:
+        if input_pos is not None:
             out = self._cached_attention(q, k, v, input_pos, cache_rows)
+        else:
+            if self.kv_cache is not None:  # a prefill: the cache's positions 0..T-1, and plain
+                self.kv_cache.update(None, k, v, cache_rows)  # causal attention among them
+            out = kernels.attention(q, k, v, cu_seqlens)  # (B, T, n_heads, head_dim)
         return self.wo(out.reshape(B, T, -1))
 
     def _cached_attention(self, q, k, v, input_pos, cache_rows):
@@ -345,9 +353,12 @@ class TransformerBlock(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None, cache_rows=None):
         # dropout on each sub-block's output, before it joins the residual stream
         h = self.attention(self.attention_norm(x), cos, sin, cu_seqlens, input_pos, cache_rows)
-        x = x + F.dropout(h, self.resid_dropout, self.training)
+        x = x + self.dropout(h)
         h = self.feed_forward(self.ffn_norm(x))
-        return x + F.dropout(h, self.resid_dropout, self.training)
+        return x + self.dropout(h)
+
+    def dropout(self, h):
+        return F.dropout(h, self.resid_dropout, True) if self.training and self.resid_dropout > 0 else h
 
 
 class Transformer(nn.Module):
@@ -373,8 +384,10 @@ class Transformer(nn.Module):
         instead, computed in slices of tokens (chunked_cross_entropy): no logits are returned.
 
         cu_seqlens: int32 (n + 1,) boundaries of the examples packed in a (1, T) batch.
-        input_pos: (B, T) cache slots of these tokens when decoding with `setup_cache`;
-        cache_rows: (B,) the cache row each batch row uses (default: row b uses row b).
+        input_pos: (B, T) cache slots of these tokens when decoding with `setup_cache`; with a
+        cache and no input_pos, the tokens are its positions 0..T-1 (a prefill: plain causal
+        attention among them, their keys and values stored). cache_rows: (B,) the cache row
+        each batch row uses (default: row b uses row b).
         logits_at: (B,) one position per row: only those logits, (B, vocab_size) (a prefill
         needs the last prompt token's; the other positions' would be made and thrown away).
         reduction: "mean" over counted targets, "sum" (train.py divides by the number of

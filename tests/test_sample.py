@@ -303,14 +303,17 @@ def test_prefill_computes_only_the_last_prompt_logits(model, tok, monkeypatch):
     rows = []
     real = model.output.forward
     monkeypatch.setattr(model.output, "forward", lambda h: rows.append(h.shape[:-1].numel()) or real(h))
-    model.setup_cache(2, T)
-    with torch.no_grad():
-        got = generate.prefill(model, padded, lengths)
-    model.clear_cache()
-    assert sum(rows) == 2 * len(rows)  # one position per row reaches the head, in every chunk
-    with torch.no_grad():
-        for b, p in enumerate(prompts):
-            torch.testing.assert_close(got[b], model(torch.tensor([p]))[0, -1], atol=1e-5, rtol=1e-5)
+    for chunk in (T, 5):  # the prompts in one go, and in chunks of 5 positions
+        monkeypatch.setattr(generate, "PREFILL_TOKENS", 2 * chunk)
+        rows.clear()
+        model.setup_cache(2, T)
+        with torch.no_grad():
+            got = generate.prefill(model, padded, lengths)
+        model.clear_cache()
+        assert rows == [2] * -(-T // chunk)  # one position per row reaches the head, in every chunk
+        with torch.no_grad():
+            for b, p in enumerate(prompts):
+                torch.testing.assert_close(got[b], model(torch.tensor([p]))[0, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_cache_is_stored_in_the_layout_attention_reads(model):
