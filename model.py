@@ -191,7 +191,9 @@ def rope_angles(positions, inv_freq):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each consecutive pair (x[2i], x[2i+1]) by its angle: Meta's convention.
+    """Rotate each consecutive pair (x[2i], x[2i+1]) by its angle: Meta's convention, and Meta's
+    arithmetic: each pair as one complex number, times cos + i sin (one pass over x; pulling the
+    pairs apart and stacking them back costs ~5x more on a CPU, forward and backward).
 
     x: (B, T, n_heads, head_dim); cos, sin: (T, head_dim // 2) or (B, T, head_dim // 2).
     """
@@ -199,8 +201,13 @@ def apply_rope(x, cos, sin):
         cos, sin = cos[None], sin[None]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B or 1, T, 1, head_dim // 2)
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, n_heads, head_dim // 2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    if torch.compiler.is_compiling():
+        # inductor makes no code for complex numbers: the same rotation in real arithmetic,
+        # which it fuses into one kernel
+        x0, x1 = xf[..., 0], xf[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(xf) * torch.complex(cos, sin))
     return out.flatten(-2).type_as(x)
 
 
