@@ -199,10 +199,12 @@ def read_previous(path, expect, what):
 
 def load_judge(cfg):
     try:
-        return load_model_judge(cfg.judge, cfg.tokenizer, cfg.device, cfg.dtype,
-                                cfg.max_new_tokens, cfg.batch_size)
+        judge = load_model_judge(cfg.judge, cfg.tokenizer, cfg.device, cfg.dtype,
+                                 cfg.max_new_tokens, cfg.batch_size)
     except (FileNotFoundError, ValueError) as e:  # checkpoint.py's user-facing messages
         raise EvalError(str(e)) from None
+    config.set_cpu_threads(judge.model.args.dim, judge.model.output.weight.device)
+    return judge
 
 
 def _basename(path):

@@ -230,6 +230,7 @@ def load(cfg):
     rows = cfg.batch_size if cfg.prompt_file else 1
     placed = devices.choose_devices(cfg.device, args, probe, rows, min(cfg.max_seq_len, args.max_seq_len))
     dtype = config.resolve_dtype(cfg.dtype, placed[0])
+    threads = config.set_cpu_threads(args.dim, placed[0])
     tokenizer_path = cfg.tokenizer or checkpoint.find_tokenizer(cfg.checkpoint)
     if tokenizer_path is None:
         raise PromptError(f"{cfg.checkpoint}: no tokenizer.model or tokenizer.json here or in "
@@ -244,7 +245,8 @@ def load(cfg):
     model.requires_grad_(False).eval()
     n = model.num_params()
     size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-    log(f"{cfg.checkpoint}: {size} parameters, {dtype}, on {', '.join(placed)}; "
+    on_cpu = f" ({threads} thread{'s' * (threads > 1)}; OMP_NUM_THREADS sets it)" if placed == ["cpu"] else ""
+    log(f"{cfg.checkpoint}: {size} parameters, {dtype}, on {', '.join(placed)}{on_cpu}; "
         f"tokenizer {tokenizer.path}")
     return model, tokenizer
 

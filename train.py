@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import checkpoint
+import config
 import data
 import distributed
 import files
@@ -321,6 +322,9 @@ def setup(cfg):
     dev_prompts = data.read_prompts(cfg.data_dir, "dev") if has_dev else []
     tokenizer = load_tokenizer(meta["tokenizer"])
     args, add_eot = resolve_model_args(cfg, meta, tokenizer)
+    if device.type == "cpu":
+        threads = config.set_cpu_threads(args.dim, device)
+        log(f"cpu: {threads} torch thread{'s' * (threads > 1)} per process (OMP_NUM_THREADS sets it)")
     distributed.memory_plan(cfg, args, world_size, device, meta["max_len"])
     model = distributed.build_model(cfg, args, source_weights(cfg, args, add_eot, tokenizer.eot_id),
                                     device)
