@@ -414,15 +414,19 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, cu_seqlens, input_pos, cache_rows)
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at.to(h.device)]  # (B, dim)
-        h = self.norm(h)
         if targets is None:
-            return self.output(h).float()
-        losses = chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.reshape(-1))
+            return self.output(self.norm(h)).float()
+        # only the positions with a target reach the output head: the user's turns (LIMA trains
+        # on the responses, §3) would make logits only to mask them out
+        targets = targets.reshape(-1)
+        counted = (targets != IGNORE_INDEX).nonzero()[:, 0]  # (n,)
+        losses = chunked_cross_entropy(self.norm(h.flatten(0, 1)[counted]), self.output.weight,
+                                       targets[counted])  # (n,)
         if reduction == "none":
-            return losses.view(B, T)
+            return losses.new_zeros(B * T).index_put((counted,), losses).view(B, T)
         if reduction == "sum":
             return losses.sum()
-        return losses.sum() / (targets != IGNORE_INDEX).sum()
+        return losses.sum() / counted.numel()
 
     # ---- decoding -------------------------------------------------------------------------
 
