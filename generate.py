@@ -103,8 +103,8 @@ def exponential_noise(shape, device, generator):
 
 
 def prompt_seed(seed, index):
-    """The seed of prompt `index`'s own generator in a run seeded with `seed`: its answer is
-    the same whichever prompts share its batch, in whatever order, and on a resumed run."""
+    """The seed of prompt `index`'s own generator in a run seeded with `seed`: its random draws
+    are the same whichever prompts share its batch, in whatever order, and on a resumed run."""
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: any torch.Generator takes it
 
@@ -190,16 +190,16 @@ def decode(model, prompts, *, stop_ids, batch_size=16, seeds=None,
     every CHECK_EVERY steps (a host sync) and when one's budget ends.
 
     prompts: token-id lists, BOS included. seeds: one per prompt when sampling (temperature >
-    0; default: drawn from torch's global generator): each prompt draws from its own generator,
-    so its answer does not depend on the others (nor, greedy or sampled, on batch_size). on_token(index, id) sees each kept token as it is
-    made (a host sync per step): for streaming. progress(n) is told, every 8 steps and at the
-    end, how many tokens the answers gained since its last call. vocab_size: ids at or past
-    it are never sampled (a padded embedding's rows). The model is put in eval mode and given
-    back in the mode it was in; its KV cache is dropped afterwards unless keep_cache (a
-    compiled decode then reuses it when it fits). all_done(done) -> bool decides, from the
-    (B,) bool tensor of finished rows, that decoding may stop; a caller whose every forward is
-    a collective (several processes decoding in lockstep) passes one that agrees across them,
-    and a batch_size that holds every prompt (no refills, rows stay put).
+    0; default: drawn from torch's global generator): each prompt draws from its own
+    generator, so its answer does not depend on the others, nor on batch_size (up to the
+    rounding of a batched matmul, which may differ with the batch's size). on_token(index, id) sees each kept token as it is made (a host sync per
+    step): for streaming. progress(n) is told, every 8 steps and at the end, how many tokens
+    the answers gained since its last call. vocab_size: ids at or past it are never sampled (a
+    padded embedding's rows). The model is put in eval mode and given back in the mode it was
+    in; its KV cache is dropped afterwards unless keep_cache (a compiled decode then reuses it
+    when it fits). all_done(done) -> bool decides, from the (B,) bool tensor of finished rows,
+    that decoding may stop; with one (several processes decoding in lockstep, every forward a
+    collective) every prompt gets a row at once and rows stay put: no refills, no leaving.
     """
     context = min(max_seq_len, model.args.max_seq_len)
     check_prompts(prompts, context)
@@ -311,7 +311,8 @@ def decode(model, prompts, *, stop_ids, batch_size=16, seeds=None,
                     model.keep_cache_rows(rows)
                     pos, nxt = pos[rows], nxt[rows.to(nxt.device)]
                     penalized = None if penalized is None else penalized[rows.to(out_device)]
-                    who, kept, count, ended, gens = ([x[b] for b in keep] for x in (who, kept, count, ended, gens))
+                    who, kept, count, ended, gens = ([x[b] for b in keep]
+                                                     for x in (who, kept, count, ended, gens))
                     B = len(keep)
             # feed each row's token at its position; the cache grows to what running rows need
             # (finished and idle rows keep writing, clamped, into their own row, which nobody reads)
@@ -440,7 +441,8 @@ def respond(model, tokenizer, conversations, *, raw=False, batch_size=16, genera
         for idx in batches:
             stream = None if on_token is None else (lambda j, t, idx=idx: on_token(idx[j], t))
             for j, ids in decode(model, [prompts[i] for i in idx], stop_ids=stop_ids(tokenizer),
-                                 batch_size=batch_size, seeds=None if seeds is None else [seeds[i] for i in idx],
+                                 batch_size=batch_size,
+                                 seeds=None if seeds is None else [seeds[i] for i in idx],
                                  vocab_size=tokenizer.vocab_size, on_token=stream, progress=progress,
                                  compile=compile, keep_cache=True, all_done=all_done, **decoding):
                 responses[idx[j]] = tokenizer.decode(ids)

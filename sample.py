@@ -121,8 +121,8 @@ def answer(model, tokenizer, records, todo, settings, *, batch_size=16, seed=0, 
     """Yield (index, response) for the records in todo as each response ends: batch_size rows
     decode together, and a row whose answer ended takes the next prompt at once (continuous
     batching, generate.decode), longest prompts first. Prompt i samples from its own generator,
-    seeded from (seed, i): its answer does not depend on which prompts share its batch, and a
-    resumed run gives the answer an uninterrupted one would have. The progress bar counts
+    seeded from (seed, i): its random draws do not depend on which prompts share its batch, so
+    a resumed run answers it as an uninterrupted one would have. The progress bar counts
     tokens as they are made: its total is the most the prompts left can take (each one's room
     up to max_new_tokens or the context), and each finished response gives back the room it
     left unused, so the rate is real tokens per second and the ETA an upper bound that
@@ -136,17 +136,18 @@ def answer(model, tokenizer, records, todo, settings, *, batch_size=16, seed=0, 
     todo = sorted(todo, key=lambda i: -len(prompts[i]))
     bar = tqdm(total=sum(room.values()), unit="tok", unit_scale=True, file=sys.stderr,
                dynamic_ncols=True, desc=f"answering {len(todo)} prompts")
+    responses = decode(model, [prompts[i] for i in todo], stop_ids=stop_ids(tokenizer),
+                       batch_size=batch_size, seeds=[prompt_seed(seed, i) for i in todo],
+                       vocab_size=tokenizer.vocab_size, progress=bar.update, compile=compile,
+                       keep_cache=True, **decoding)
     try:
-        responses = decode(model, [prompts[i] for i in todo], stop_ids=stop_ids(tokenizer),
-                           batch_size=batch_size, seeds=[prompt_seed(seed, i) for i in todo],
-                           vocab_size=tokenizer.vocab_size, progress=bar.update, compile=compile,
-                           keep_cache=True, **decoding)
         for done, (j, ids) in enumerate(responses, 1):
             i = todo[j]
             bar.total -= room[i] - len(ids)  # the room this response left unused
             bar.set_postfix_str(f"{done}/{len(todo)} prompts", refresh=True)
             yield i, tokenizer.decode(ids)
     finally:
+        responses.close()
         bar.close()
         model.clear_cache()
 

@@ -13,8 +13,9 @@ gradient clip at 1.0, AdamW, zero_grad.
 Batches: LIMA-like (lengths drawn as benchmarks/bench_kernels.lima_lengths draws them: many
 short answers, a fifth near the maximum) and one that needs no padding (every example the same
 length). The implementations take turns, one step each, `--repeats` times; the ratio of each
-round (their seconds / ours) is kept and the table gives medians. Correctness first: the loss
-and gradient norm of the first step must agree with transformers'.
+round (their seconds / ours) is kept and the table gives medians, of the wall time and of the
+process time (one thread: the work itself, whatever else the machine runs). Correctness first:
+from the same weights, the loss and gradient norm must agree with transformers'.
 """
 
 import argparse
@@ -164,7 +165,8 @@ def main():
                  "transformers packed": lambda: hf_step(hf, hf_opt, packed, n_sup)}
         # correctness first, before any step: the same loss and gradient norm from the same weights
         x, y, cu = micro[0]
-        first = {"train.train_step (packed)": loss_and_norm(ours, ours(x, y, cu_seqlens=cu, reduction="sum") / n_sup),
+        first = {"train.train_step (packed)": loss_and_norm(ours, ours(x, y, cu_seqlens=cu, reduction="sum")
+                                                           / n_sup),
                  "transformers padded": loss_and_norm(hf, hf_loss(hf, padded, n_sup)),
                  "transformers packed": loss_and_norm(hf, hf_loss(hf, packed, n_sup))}
         ref = first["train.train_step (packed)"]
@@ -176,35 +178,35 @@ def main():
                 raise SystemExit(f"{k} disagrees with train.train_step on the first step")
         for fn in impls.values():  # warm up: the optimizer's state, allocator, first-call costs
             fn()
-        times = {k: [] for k in impls}
+        times = {k: [] for k in impls}  # (wall, process) seconds per round
         for r in range(a.repeats):
             for k, fn in impls.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn()
-                times[k].append(time.perf_counter() - t)
-            print(f"  {name}, round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
+                times[k].append((time.perf_counter() - t, time.process_time() - c))
+            print(f"  {name}, round {r + 1}: " + ", ".join(f"{k} {v[-1][0]:.2f}s" for k, v in times.items()),
                   file=sys.stderr)
         mine = times["train.train_step (packed)"]
         tokens = sum(lengths) - len(lengths)
-        padded_tokens = max(lengths) * len(lengths)
         for k, v in times.items():
-            ratio = statistics.median(t / m for t, m in zip(v, mine))
-            rows.append((name, f"{len(lengths)} x {min(lengths)}-{max(lengths)}", k, statistics.median(v),
-                         tokens / statistics.median(v), ratio,
-                         f"{padded_tokens / tokens:.2f}x tokens" if k.endswith("padded") else ""))
+            wall, cpu = (statistics.median(x[i] for x in v) for i in (0, 1))
+            speed = [statistics.median(x[i] / m[i] for x, m in zip(v, mine)) for i in (0, 1)]
+            note = f" ({max(lengths) * len(lengths) / tokens:.2f}x the tokens)" if k.endswith("padded") else ""
+            rows.append(f"| {name} | {len(lengths)} x {min(lengths)}-{max(lengths)} | {k}{note} | {wall:.2f} | "
+                        f"{cpu:.2f} | {tokens / wall:.0f} | {speed[0]:.2f}x; {speed[1]:.2f}x |")
     load_after = os.getloadavg()
     tmp.cleanup()
 
-    table = ["| batch | examples (tokens) | implementation | median step s | tokens/s | train_step's speed vs this |",
-             "|---|---|---|---|---|---|"]
-    for name, shape, k, sec, rate, ratio, note in rows:
-        table.append(f"| {name} | {shape} | {k} | {sec:.3f} | {rate:.0f} | {ratio:.2f}x{' (' + note + ')' if note else ''} |")
-    header = [f"- Date: {datetime.date.today()}; device: {cpu_name()}, "
-              f"{os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); torch {torch.__version__}, "
+    table = ["| batch | examples x tokens | implementation | step s (wall) | step s (process) | tokens/s (wall) "
+             "| train_step's speed vs this (wall; process) |", "|---|---|---|---|---|---|---|"] + rows
+    header = [f"- Date: {datetime.date.today()}; device: {cpu_name()}, {os.cpu_count()} cores, "
+              f"{torch.get_num_threads()} torch thread(s); torch {torch.__version__}, "
               f"transformers {__import__('transformers').__version__}",
               f"- Command: `python benchmarks/bench_train_cpu.py {' '.join(sys.argv[1:])}`",
-              f"- Model: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads, vocabulary {a.vocab_size}, fp32, "
-              f"no dropout; {a.repeats} rounds, the implementations alternating",
+              f"- Model: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads, vocabulary {a.vocab_size} "
+              f"({model.num_params() / 1e6:.1f}M parameters), fp32, no dropout; the first third of each "
+              f"example is the user's turn (no loss); {a.repeats} rounds, the implementations in turn; "
+              f"medians",
               f"- Load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f}"]
     text = "\n".join(header + [""] + table)
     print(text)
