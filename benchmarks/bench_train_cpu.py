@@ -40,16 +40,16 @@ from data import Split  # noqa: E402
 from model import IGNORE_INDEX, ModelArgs, Transformer  # noqa: E402
 
 
-def synthetic_split(lengths, vocab_size, seed):
-    """A prepared-data split of random tokens: the first third of each example is the user's turn
-    (not trained), the rest the answer."""
+def synthetic_split(lengths, vocab_size, seed, user_share=1 / 3):
+    """A prepared-data split of random tokens: the first user_share of each example (BOS at
+    least) is the user's turn (not trained), the rest the answer."""
     rng = np.random.default_rng(seed)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     tokens = rng.integers(3, vocab_size, offsets[-1]).astype(np.int32)
     tokens[offsets[:-1]] = 1  # BOS
     mask = np.ones(offsets[-1], dtype=bool)
     for a, n in zip(offsets[:-1], lengths):
-        mask[a:a + max(1, n // 3)] = False
+        mask[a:a + max(1, int(n * user_share))] = False
     return Split(tokens=tokens, mask=mask, offsets=offsets)
 
 
@@ -122,6 +122,9 @@ def main():
     p.add_argument("--max_len", type=int, default=1024, help="longest example of the LIMA-like batch")
     p.add_argument("--even", type=int, nargs=2, default=[4, 512], metavar=("N", "LEN"),
                    help="the batch that needs no padding: N examples of LEN tokens")
+    p.add_argument("--user_share", type=float, default=1 / 3,
+                   help="the share of each example that is the user's turn (no loss); 0: all trained")
+    p.add_argument("--batches", nargs="+", default=["LIMA-like", "no padding"], choices=["LIMA-like", "no padding"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -150,12 +153,13 @@ def main():
 
     g = torch.Generator().manual_seed(a.seed)
     batches = {"LIMA-like": lima_lengths(a.examples, a.max_len, g), "no padding": [a.even[1]] * a.even[0]}
+    batches = {k: v for k, v in batches.items() if k in a.batches}
     print(f"# {model.num_params() / 1e6:.1f}M parameters, fp32, "
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}", file=sys.stderr)
     rows = []
     for name, lengths in batches.items():
         ours, ours_opt, hf, hf_opt = fresh()
-        split = synthetic_split(lengths, a.vocab_size, a.seed)
+        split = synthetic_split(lengths, a.vocab_size, a.seed, a.user_share)
         exs = examples(split)
         n_sup = int(sum((y != IGNORE_INDEX).sum() for _, y in exs))
         micro = [train.pack(split, list(range(len(split))), torch.device("cpu"), 1)]
@@ -204,9 +208,9 @@ def main():
               f"transformers {__import__('transformers').__version__}",
               f"- Command: `python benchmarks/bench_train_cpu.py {' '.join(sys.argv[1:])}`",
               f"- Model: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads, vocabulary {a.vocab_size} "
-              f"({model.num_params() / 1e6:.1f}M parameters), fp32, no dropout; the first third of each "
-              f"example is the user's turn (no loss); {a.repeats} rounds, the implementations in turn; "
-              f"medians",
+              f"({model.num_params() / 1e6:.1f}M parameters), fp32, no dropout; the first "
+              f"{a.user_share:.0%} of each example is the user's turn (no loss); {a.repeats} rounds, the "
+              f"implementations in turn; medians",
               f"- Load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f}"]
     text = "\n".join(header + [""] + table)
     print(text)
