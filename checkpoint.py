@@ -18,8 +18,9 @@ read for it. So host memory holds at most the weights once, plus one tensor in f
 that is the difference between fitting and not.
 
 Writing, `save_hf(out_dir, ...)`: the Hugging Face LLaMA layout, so transformers, vLLM and
-llama.cpp's converter read it as it is. Written into a temporary directory beside out_dir,
-fsync'd, then renamed into place: out_dir is never half-written.
+llama.cpp's converter read it as it is, tokenizer, chat template and stop token included
+(`_write_tokenizer`). Written into a temporary directory beside out_dir, fsync'd, then renamed
+into place: out_dir is never half-written.
 """
 
 import dataclasses
@@ -38,13 +39,12 @@ from safetensors.torch import save_file
 import files
 from generate import Decoding
 from model import ModelArgs, RopeScaling, Transformer
-from tokenizer import (HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer,
+from tokenizer import (CHAT_TEMPLATE, EOT_NAME, HFTokenizer, SentencePieceTokenizer,
                        find_tokenizer_file, load_tokenizer)
 
 META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 HF_SINGLES = ("model.safetensors", "pytorch_model.bin")
-EOT_PIECE = "<eot>"  # how HF tokenizers and llama.cpp see our end-of-turn token (LIMA §3)
 EXPECTED_LAYOUTS = (
     "Expected a checkpoint directory in Meta's layout (params.json + consolidated.00.pth, "
     "consolidated.01.pth, ...) or Hugging Face's (config.json + model.safetensors, or "
@@ -158,15 +158,23 @@ def _hf_weight_files(path):
 
 # ---- model arguments -------------------------------------------------------------------------
 
-def load_args(path):
-    """ModelArgs from params.json (Meta) or config.json (Hugging Face)."""
+def load_args(path, weights=True):
+    """ModelArgs from params.json (Meta) or config.json (Hugging Face). weights=False reads the
+    configuration alone, for a plan made before the weights are downloaded (train.py
+    --plan_only): a Meta vocabulary of -1 is then taken as LLaMA's 32,000 and the head as untied,
+    which only the weights could tell otherwise."""
     path = os.fspath(path)
+    if not weights:
+        if os.path.isfile(os.path.join(path, "params.json")):
+            return _meta_args(path, weights=False)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return _hf_args(os.path.join(path, "config.json"))
     if detect_layout(path) == "meta":
         return _meta_args(path)
     return _hf_args(os.path.join(path, "config.json"))
 
 
-def _meta_args(path):
+def _meta_args(path, weights=True):
     file = os.path.join(path, "params.json")
     fix = CONFIG_FIX.format(name="params.json")
     p = _read_json(file, fix)
@@ -177,10 +185,10 @@ def _meta_args(path):
                          f"experts or quantized weights); this project fine-tunes text LLaMAs.")
     # read it, never assume it: LLaMA 1 uses 1e-6, 65B and Llama 2 1e-5
     norm_eps = _config_value(p, "norm_eps", file, fix, float)
-    shards = _meta_shards(path)
+    shards = _meta_shards(path) if weights else []
     vocab = p.get("vocab_size", -1)
     if vocab <= 0:  # Meta writes -1 for LLaMA 1 / 2: the vocabulary is the embedding's row count
-        vocab = _meta_vocab(shards[0])
+        vocab = _meta_vocab(shards[0]) if shards else 32000
     scaling, context = None, p.get("max_seq_len", ModelArgs.max_seq_len)
     if p.get("use_scaled_rope"):
         # Llama 3.1+: Meta's reference applies fixed values (factor 8, low 1, high 4, original
@@ -195,7 +203,7 @@ def _meta_args(path):
                      ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=norm_eps,
                      rope_theta=p.get("rope_theta", 10000.0), rope_scaling=scaling,
                      max_seq_len=context)
-    args.tie_embeddings = _meta_tied(shards, args)
+    args.tie_embeddings = _meta_tied(shards, args) if shards else False
     return args
 
 
@@ -580,7 +588,9 @@ def save_model(model, out_dir, tokenizer_path=None, extra=None):
 def save_hf(out_dir, args, named_tensors, tokenizer_path=None, extra=None,
             max_shard_bytes=2 * 2**30, dtype=None):
     """Write the Hugging Face LLaMA layout at out_dir, atomically. lima.json holds `extra` and,
-    with a tokenizer, its sha256 ("tokenizer_sha256"), which every loader checks.
+    with a tokenizer, its sha256 ("tokenizer_sha256"), which every loader checks. A checkpoint
+    of the chat format (extra has "eot_id", as train.py's do) gets LIMA's chat template; a
+    base model saved as it is (a conversion) keeps its own.
 
     named_tensors: (meta_name, tensor) pairs, consumed one at a time (train.py streams
     parameters gathered on rank 0), so at most one shard's worth of tensors is held.
@@ -596,14 +606,21 @@ def save_hf(out_dir, args, named_tensors, tokenizer_path=None, extra=None,
         bos, eos = tok.bos_id, tok.eos_id
         eot = tok.eot_id if args.vocab_size == tok.vocab_size else None
         extra["tokenizer_sha256"] = tok.sha256()  # its identity: loaders refuse another one
+    chat = eot is not None and extra.get("eot_id") is not None
     tmp = files.make_temp_dir(out_dir)
     try:
         torch_dtype = _write_shards(tmp, args, named_tensors, max_shard_bytes, dtype)
         files.write_json(os.path.join(tmp, "config.json"), hf_config(args, torch_dtype, bos, eos))
         files.write_json(os.path.join(tmp, "generation_config.json"), generation_config(bos, eos, eot))
         if tokenizer_path is not None:
-            _write_tokenizer(tmp, tok, eot)
+            _write_tokenizer(tmp, tok, eot, chat)
+        if chat:
+            files.write_atomic(os.path.join(tmp, "README.md"), model_card(eot))
         files.write_json(os.path.join(tmp, "lima.json"), extra)
+        for name in os.listdir(tmp):
+            # safetensors writes 0600 whatever the umask, copies follow the umask: a checkpoint
+            # is shared (a cluster's other users, a serving account), so 0644 as HF's own saves
+            os.chmod(os.path.join(tmp, name), 0o644)
         files.swap_dir(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -704,52 +721,110 @@ def hf_config(args: ModelArgs, torch_dtype, bos_id=1, eos_id=2):
 
 
 def generation_config(bos_id, eos_id, eot_id=None):
-    # the paper's decoding (generate.Decoding, LIMA §5); stop at EOT as at EOS. (transformers'
-    # penalty also covers the prompt; ours penalises only generated tokens by default.)
+    """generation_config.json: the paper's decoding (generate.Decoding, LIMA §5), which
+    transformers' generate and vLLM take as their defaults. The format cannot say everything:
+    its repetition penalty also penalises the prompt's tokens (transformers', vLLM's and
+    llama.cpp's do), where ours penalises only generated ones by default (the paper's
+    "previously generated tokens"; sample.py --penalize_prompt is theirs). model_card says so."""
     d = Decoding()
     return {"bos_token_id": bos_id, "eos_token_id": eos_id if eot_id is None else [eos_id, eot_id],
-            "do_sample": True, "temperature": d.temperature, "top_p": d.top_p,
-            "repetition_penalty": d.repetition_penalty}
+            "do_sample": True, "temperature": d.temperature, "top_p": d.top_p, "top_k": 0,
+            "repetition_penalty": d.repetition_penalty,
+            "max_length": d.max_seq_len}  # prompt + response, as ours (transformers' default: 20)
 
 
-def _write_tokenizer(tmp, tok, eot):
-    """The base's tokenizer files, so that transformers, vLLM and llama.cpp read the tokenizer
-    as they read the base's: tokenizer.model as it is; a tokenizer.json with the
-    tokenizer_config.json and special_tokens_map.json beside it. Where the EOT is a new id
-    (LIMA §3, not in the base), it is recorded: added_tokens.json is what llama.cpp's converter
-    reads, tokenizer_config.json what transformers reads (marking it special, so decode can
-    skip it). Llama 3's EOT is its own <|eot_id|>: nothing to add."""
+def model_card(eot_id):
+    """README.md of a chat checkpoint: the format and the decoding, where a person looks."""
+    d = Decoding()
+    return f"""# A LIMA model
+
+A LLaMA fine-tuned with the recipe of "LIMA: Less Is More for Alignment" (Zhou et al., 2023),
+in the Hugging Face LLaMA layout: transformers, vLLM and llama.cpp's converter read this folder
+as it is. `lima.json` holds the training run's settings.
+
+**Chat format** (LIMA §3): `BOS user EOT assistant EOT user EOT ...`, with no role names and
+no system prompt; the end-of-turn token EOT is `{EOT_NAME}` (id {eot_id}). The chat template
+(`chat_template.jinja`, and `chat_template` in `tokenizer_config.json` for llama.cpp's
+converter) writes it, and `generation_config.json` stops generation at EOT.
+
+**Decoding** (LIMA §5): temperature {d.temperature}, top-p {d.top_p}, repetition penalty
+{d.repetition_penalty}, at most {d.max_seq_len} tokens of prompt and response, stop at EOT.
+`generation_config.json` holds these as the defaults of transformers' `generate` and of vLLM;
+llama.cpp reads none of them, so give them as flags: `--temp {d.temperature} --top-p {d.top_p}
+--top-k 0 --min-p 0 --repeat-penalty {d.repetition_penalty} --repeat-last-n -1`. One difference
+remains: their repetition penalty also penalises the prompt's tokens, while the paper's
+penalises only the tokens generated so far. lima's `sample.py` decodes as the paper does
+(`--penalize_prompt` gives their behaviour).
+"""
+
+
+def _write_tokenizer(tmp, tok, eot, chat):
+    """The tokenizer files that transformers, vLLM and llama.cpp read:
+    - the base's own tokenizer file (tokenizer.model, or tokenizer.json) as it is: our loaders
+      read it, and its sha256 is the checkpoint's tokenizer identity (lima.json);
+    - tokenizer.json, where the base has none (SentencePiece, Meta's tiktoken file), made from
+      that file (tokenizer.hf_tokenizer_json), so that transformers reads the tokenizer with no
+      sentencepiece, protobuf or tiktoken, and every version the same way;
+    - tokenizer_config.json: BOS, EOS, and the EOT declared special (so decoding can skip it);
+    - with `chat`, LIMA's chat template: in chat_template.jinja (transformers and vLLM read it
+      first) and in tokenizer_config.json (llama.cpp's GGUF converter reads it there), the same;
+    - where the EOT is a new row (LLaMA 1/2): added_tokens.json, which llama.cpp's converter
+      reads with tokenizer.model, and special_tokens_map.json, which transformers' sentencepiece
+      LlamaTokenizer reads."""
     def copy(src, name):
         shutil.copyfile(src, os.path.join(tmp, name))
         files.fsync(os.path.join(tmp, name))
 
-    if isinstance(tok, TiktokenTokenizer):
-        copy(tok.path, "tokenizer.model")  # Meta's Llama 3 layout: the tiktoken file alone
-        return
-    if isinstance(tok, SentencePieceTokenizer):
-        copy(tok.path, "tokenizer.model")
-        piece = tok.sp.IdToPiece
-        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-                  "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
-                  "unk_token": piece(tok.sp.unk_id()), "added_tokens_decoder": {}}
-    else:
-        assert isinstance(tok, HFTokenizer), type(tok)
+    def write(name, obj):
+        files.write_json(os.path.join(tmp, name), obj)
+
+    def special(text):  # how tokenizer_config.json declares a special token
+        return {"content": text, "lstrip": False, "normalized": False, "rstrip": False,
+                "single_word": False, "special": True}
+
+    new_eot = eot is not None and tok.adds_eot
+    if isinstance(tok, HFTokenizer):
         copy(tok.path, "tokenizer.json")
         folder = os.path.dirname(os.path.abspath(tok.path))
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if os.path.isfile(os.path.join(folder, name)):
                 copy(os.path.join(folder, name), name)
         if os.path.isfile(os.path.join(tmp, "tokenizer_config.json")):
-            if not (eot is not None and tok.adds_eot):
+            if not (chat or new_eot):
                 return  # the base's own, unchanged
-            config = _read_json(os.path.join(tmp, "tokenizer_config.json"))
+            config = _read_json(os.path.join(tmp, "tokenizer_config.json"),
+                                "Use the tokenizer_config.json that came with the tokenizer.json.")
+            if config.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's name for
+                config["tokenizer_class"] = "PreTrainedTokenizerFast"  # it, unknown to 4
         else:  # a bare tokenizer.json: say which tokens are BOS and EOS
             config = {"tokenizer_class": "PreTrainedTokenizerFast",
                       "bos_token": tok.tok.id_to_token(tok.bos_id),
                       "eos_token": tok.tok.id_to_token(tok.eos_id)}
-    if eot is not None and tok.adds_eot:
-        files.write_json(os.path.join(tmp, "added_tokens.json"), {EOT_PIECE: eot})
-        config.setdefault("added_tokens_decoder", {})[str(eot)] = {
-            "content": EOT_PIECE, "special": True, "normalized": False,
-            "lstrip": False, "rstrip": False, "single_word": False}
-    files.write_json(os.path.join(tmp, "tokenizer_config.json"), config)
+    else:
+        copy(tok.path, "tokenizer.model")
+        made = tok.hf_tokenizer_json(eot)
+        if made is not None:
+            write("tokenizer.json", made)
+        if isinstance(tok, SentencePieceTokenizer):
+            specials = {i: tok.sp.IdToPiece(i) for i in (tok.sp.unk_id(), tok.bos_id, tok.eos_id)}
+            config = {"unk_token": specials[tok.sp.unk_id()], "add_bos_token": True,
+                      "add_eos_token": False,
+                      "legacy": True}  # sentencepiece LlamaTokenizer: each text's leading space
+        else:  # Meta's Llama 3: the 256 special tokens, as tokenizer.json adds them
+            specials = {t["id"]: t["content"] for t in made["added_tokens"]}
+            config = {}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast" if made else "LlamaTokenizer",
+                  "bos_token": specials[tok.bos_id], "eos_token": specials[tok.eos_id], **config,
+                  "clean_up_tokenization_spaces": False,  # decode gives the text as it was
+                  "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids
+                  "added_tokens_decoder": {str(i): special(text) for i, text in sorted(specials.items())}}
+    if new_eot:
+        write("added_tokens.json", {EOT_NAME: eot})
+        config.setdefault("added_tokens_decoder", {})[str(eot)] = special(EOT_NAME)
+        config["additional_special_tokens"] = [EOT_NAME]
+        named = {k: config[k] for k in ("bos_token", "eos_token", "unk_token") if config.get(k)}
+        write("special_tokens_map.json", {**named, "additional_special_tokens": [EOT_NAME]})
+    if chat:
+        config["chat_template"] = CHAT_TEMPLATE
+        files.write_atomic(os.path.join(tmp, "chat_template.jinja"), CHAT_TEMPLATE)
+    write("tokenizer_config.json", config)

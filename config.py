@@ -15,10 +15,12 @@ A field's valid values live in its metadata and are checked when the command lin
 
     top_p: float = field(default=0.9, metadata={"gt": 0, "max": 1})     # (0, 1]
     batch_size: int = field(default=16, metadata={"min": 1})
+    save_epochs: list[int] = field(..., metadata={"min": 1, "max": "epochs"})   # another field
     dtype: str = field(default="auto", metadata={"choices": ("auto", "float32")})
 
-`min` and `max` are inclusive, `gt` an exclusive lower bound; None (an Optional left unset)
-is always allowed; a list's every element is checked.
+`min` and `max` are inclusive, `gt` an exclusive lower bound; a field's name instead of a number
+means that field's value; None (an Optional left unset) is always allowed; a list's every
+element is checked; every float must be finite.
 """
 
 import argparse
@@ -63,7 +65,7 @@ def build_parser(cls, presets=None, description=None):
 
 
 def parse_config(cls, argv=None, presets=None, description=None):
-    """Defaults < preset < command line. Returns an instance of `cls`."""
+    """Defaults < preset < command line, range-checked. Returns an instance of `cls`."""
     parser = build_parser(cls, presets, description)
     ns = vars(parser.parse_args(argv))
     values = {}
@@ -83,26 +85,38 @@ def describe_range(metadata):
     """The valid values a field's metadata allows, in words ("" when any value goes)."""
     if "choices" in metadata:
         return "one of " + ", ".join(map(str, metadata["choices"]))
-    low = (f"at least {metadata['min']}" if "min" in metadata else
+    low = (f"at least {_shown(metadata['min'])}" if "min" in metadata else
            f"greater than {metadata['gt']}" if "gt" in metadata else None)
-    high = f"at most {metadata['max']}" if "max" in metadata else None
+    high = f"at most {_shown(metadata['max'])}" if "max" in metadata else None
     return " and ".join(x for x in (low, high) if x)
 
 
+def _shown(bound):
+    return f"--{bound}" if isinstance(bound, str) else bound
+
+
 def check_ranges(cfg):
-    """Every field's value against its metadata (min, max, gt, choices), and every float finite:
-    ValueError naming the flag and what it may be, for the first value outside."""
+    """Every field's value against its metadata (min, max, gt, choices; a bound may name another
+    field), and every float finite: ValueError naming the flag and what it may be, for the first
+    value outside. parse_config calls it, and so may code that builds a config itself."""
     for f in dataclasses.fields(cfg):
         m, value = f.metadata, getattr(cfg, f.name)
+
+        def bound(key):
+            b = m.get(key)
+            return getattr(cfg, b) if isinstance(b, str) else b
         for v in (value if isinstance(value, (list, tuple)) else [value]):
             if v is None or isinstance(v, bool):
                 continue
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"--{f.name} {v!r}: must be a finite number")
-            ok = (("choices" not in m or v in m["choices"]) and ("min" not in m or v >= m["min"])
-                  and ("gt" not in m or v > m["gt"]) and ("max" not in m or v <= m["max"]))
+            lo, hi, gt = bound("min"), bound("max"), m.get("gt")
+            ok = (("choices" not in m or v in m["choices"]) and (lo is None or v >= lo)
+                  and (gt is None or v > gt) and (hi is None or v <= hi))
             if not ok:
-                raise ValueError(f"--{f.name} {v!r}: must be {describe_range(m)}")
+                named = {k: f" ({bound(k)})" for k in ("min", "max") if isinstance(m.get(k), str)}
+                raise ValueError(f"--{f.name} {v!r}: must be {describe_range(m)}"
+                                 + "".join(named.values()))
 
 
 # ---- "auto" devices and dtypes: resolved here, spelled as torch spells them -------------------
@@ -118,9 +132,10 @@ def resolve_device(name="auto"):
     try:
         kind = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
     if kind.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name}: no CUDA device here; use cpu")
+        raise ValueError(f"--device {name}: no CUDA device is visible here (torch.cuda."
+                         f"is_available() is False); use --device cpu")
     return name
 
 

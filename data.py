@@ -288,14 +288,25 @@ def answered(conversations):
     return examples, lone
 
 
+def asked(example):
+    """What an answered example asks: every turn before its last answer, whitespace aside. Two
+    examples that ask the same are one prompt, for keeping dev prompts out of training."""
+    return tuple(" ".join(t.split()) for t in example["turns"][:-1])
+
+
 def carve_dev(examples, dev_size, seed):
     """The paper's 50-example dev set (LIMA §2) is not public: hold dev_size examples out of
-    train, drawn by a seeded sample, so a seed always gives the same split. Both halves keep
-    file order."""
-    if dev_size < 0 or dev_size >= len(examples):
-        raise DataError(f"--dev_size {dev_size} must be in [0, {len(examples)}): the training "
-                        f"file has {len(examples)} answered conversations")
-    held = set(random.Random(seed).sample(range(len(examples)), dev_size))
+    train, drawn by a seeded sample, so a seed always gives the same split. Drawn among the
+    examples whose prompt appears once, so no dev prompt is also trained on (in a file without
+    repeated prompts: all of them). Both halves keep file order."""
+    counts = Counter(asked(ex) for ex in examples)
+    once = [i for i, ex in enumerate(examples) if counts[asked(ex)] == 1]
+    if dev_size < 0 or dev_size > len(once) or dev_size >= len(examples):
+        raise DataError(f"--dev_size {dev_size} must be in [0, {min(len(once), len(examples) - 1)}]: "
+                        f"the training file has {len(examples)} answered conversations, "
+                        f"{len(once)} with a prompt that appears once (dev examples are drawn from "
+                        f"those, and one example at least must stay for training)")
+    held = {once[i] for i in random.Random(seed).sample(range(len(once)), dev_size)}
     train = [ex for i, ex in enumerate(examples) if i not in held]
     dev = [ex for i, ex in enumerate(examples) if i in held]
     return train, dev

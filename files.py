@@ -5,13 +5,17 @@ it (`write_atomic`, `write_json`); a directory is built beside its final name an
 (`swap_dir`), the old one moved aside first and deleted last. rename(2) is atomic, and a rename
 is only as durable as the fsync of the directory holding it.
 
-Two more guards: `lock(path)` keeps a second process from writing the same output while the
-first runs, and `read_json` reads a JSON file with one message for anything wrong in it.
+A killed process leaves at most what `remove_stale` cleans up: `.NAME.tmp-*` and `.NAME.old-*`
+beside NAME. `lock(path)` keeps a second process off an output while the first writes it;
+`read_json` reads a JSON file with one message for anything wrong in it; `explain` turns a
+failed write (full disk, read-only disk, no permission) into one line saying what to do.
 """
 
+import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -79,6 +83,36 @@ def swap_dir(tmp, final):
             raise
         shutil.rmtree(old, ignore_errors=True)
     fsync(parent)
+
+
+STALE = re.compile(r"\.(.+)\.(tmp|old)-[A-Za-z0-9_]+")  # what write_atomic, make_temp_dir, swap_dir name
+
+
+def remove_stale(folder):
+    """Clean up after a process killed while writing in `folder`: temporary files and
+    directories are deleted; a directory swap_dir had moved aside is put back when its
+    replacement never arrived, else deleted. Call it only while holding `folder`'s lock (no one
+    else is writing there). Returns the names deleted."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in sorted(os.listdir(folder)):
+        m = STALE.fullmatch(name)
+        if not m:
+            continue
+        path, final = os.path.join(folder, name), os.path.join(folder, m.group(1))
+        if m.group(2) == "old" and not os.path.lexists(final):
+            os.rename(path, final)  # the good one, moved aside by a swap that never finished
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+        removed.append(name)
+    if removed:
+        fsync(folder)
+    return removed
+
 
 
 # ---- one writer per output ---------------------------------------------------------------------
@@ -154,3 +188,16 @@ def read_json(path, fix):
     except RecursionError:
         problem = "not valid JSON (nested too deeply)"
     raise ValueError(f"{path}: {problem}. {fix}")
+
+
+def explain(error):
+    """An OSError from writing an output -> one line: the file, what went wrong, what to do."""
+    where = error.filename or "an output file"
+    advice = {errno.ENOSPC: "the disk is full: free space or choose another output directory",
+              errno.EDQUOT: "the disk quota is used up: free space or choose another output directory",
+              errno.EROFS: "the file system is read-only: choose another output directory",
+              errno.EACCES: "no permission to write there: choose another output directory",
+              errno.EPERM: "no permission to write there: choose another output directory",
+              errno.EEXIST: "it is in the way of a directory: choose another output directory",
+              errno.ENOTDIR: "part of the path is a file, not a directory: choose another output directory"}
+    return f"{where}: {error.strerror or error}; {advice.get(error.errno, 'check the path and the disk')}"

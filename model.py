@@ -88,7 +88,7 @@ _LLAMA3 = dict(n_kv_heads=8, vocab_size=128256, norm_eps=1e-5, rope_theta=500000
 PRESETS = {
     "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16,
                   max_seq_len=256),
-    # the built-in demo (train.py --preset demo): learns the chat format on a CPU in minutes
+    # the demo's base (demo/base, 1.3M parameters), pretrained from scratch by demo/pretrain.py
     "demo": dict(dim=128, n_layers=4, n_heads=4, multiple_of=32, max_seq_len=512),
     # LLaMA 1 (Touvron et al. 2023, Table 2); LIMA fine-tunes 65B, ablates on 7B
     "7B": dict(dim=4096, n_layers=32, n_heads=32),
@@ -478,7 +478,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std=0.02):
-        """Random init for training from scratch (the demo); fine-tuning loads weights instead.
+        """Random init for training from scratch (demo/pretrain.py); fine-tuning loads weights instead.
         GPT-2 style: normal(0, 0.02), the two residual projections scaled by 1/sqrt(2L)."""
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):

@@ -1,9 +1,14 @@
 """The paper's results as tables and a chart (its Figure 1 for preferences, and the §5
-helpfulness means): text for the terminal, a PNG where matplotlib is installed (optional)."""
+helpfulness means): text for the terminal, a PNG where matplotlib is installed (optional).
+And a training run's curves as a PNG (`training_curves`), which train.py redraws every epoch."""
 
+import io
 import os
 
 import numpy as np
+
+import data
+import files
 
 def _basename(path):
     return os.path.basename(os.path.normpath(path)) if path else path
@@ -108,13 +113,22 @@ def text_chart(pairwise_rows, helpful_rows, width=40):
     return "\n".join(lines)
 
 
-def png_chart(path, pairwise_rows, helpful_rows):
-    """The same chart as a PNG; False when matplotlib is not installed (it is optional)."""
+def pyplot():
+    """matplotlib.pyplot drawing to files only, or None when matplotlib is not installed: it is
+    optional, and every chart here is also given as text or can be drawn from the JSON lines."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def png_chart(path, pairwise_rows, helpful_rows):
+    """The same chart as a PNG; False when matplotlib is not installed (it is optional)."""
+    plt = pyplot()
+    if plt is None:
         return False
     panels = [p for p in (pairwise_rows, helpful_rows) if p]
     heights = [1 + 0.45 * len(p) for p in panels]
@@ -149,3 +163,58 @@ def png_chart(path, pairwise_rows, helpful_rows):
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return True
+
+
+# ---- a training run ---------------------------------------------------------------------------
+
+TRAINING_CURVES = "training_curves.png"
+
+
+def training_curves(out_dir):
+    """training_curves.png in a train.py out_dir, from its metrics.jsonl (loss and learning rate
+    per step) and dev.jsonl (dev loss per epoch): the training loss per step with its mean over
+    each epoch, the dev loss at each epoch's end (LIMA §3: it may rise while the answers get
+    better, so it is read, not obeyed), and the learning rate. -> the path, or None when
+    matplotlib is not installed or there is nothing to draw yet."""
+    def rows(name):
+        path = os.path.join(out_dir, name)
+        return [r for _, r in data.read_jsonl(path, repair_tail=True)] if os.path.exists(path) else []
+
+    steps = rows("metrics.jsonl")
+    dev = {r["epoch"]: r for r in rows("dev.jsonl")}  # a resumed run may repeat an epoch: the last
+    plt = pyplot() if steps else None
+    if plt is None:
+        return None
+    step = np.array([r["step"] for r in steps])
+    epoch = np.array([r["epoch"] for r in steps])
+    loss = np.array([r["loss"] for r in steps])
+    ends = [step[epoch == e].max() for e in np.unique(epoch)]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1]})
+    top.plot(step, loss, color="#4c72b0", alpha=0.35, linewidth=1, label="train loss (step)")
+    top.plot(ends, [loss[epoch == e].mean() for e in np.unique(epoch)], "o-", color="#4c72b0",
+             label="train loss (epoch mean)")
+    if dev:
+        top.plot([r["step"] - 1 for r in dev.values()], [r["dev_loss"] for r in dev.values()], "s-",
+                 color="#dd8452", label="dev loss (epoch end)")
+        best = min(dev.values(), key=lambda r: r["dev_loss"])
+        top.annotate(f"lowest {best['dev_loss']:.3f}", (best["step"] - 1, best["dev_loss"]),
+                     textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8, color="#dd8452")
+    for x in ends:
+        for ax in (top, bottom):
+            ax.axvline(x + 0.5, color="#dddddd", linewidth=0.8, zorder=0)
+    top.set_ylabel("loss (nats per supervised token)")
+    top.set_title(f"{os.path.basename(os.path.abspath(out_dir))}: epoch {epoch.max()}, step {step.max() + 1}",
+                  fontsize=10)
+    top.legend(frameon=False, fontsize=8)
+    bottom.plot(step, [r["lr"] for r in steps], color="#55a868", label="learning rate")
+    bottom.set_ylabel("learning rate")
+    bottom.set_xlabel("step (grey lines: epoch ends)")
+    bottom.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    path = os.path.join(out_dir, TRAINING_CURVES)
+    files.write_atomic(path, png.getvalue())
+    return path

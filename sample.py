@@ -4,6 +4,7 @@
     python sample.py --checkpoint out/lima-65b/epoch_07 --prompt_file data/lima/test_prompts.jsonl --out gens.jsonl
     python sample.py --checkpoint out/lima-65b/epoch_07 --interactive
     python sample.py --checkpoint llama-7b --raw --prompt "The capital of France is"
+    python sample.py --checkpoint out/demo/epoch_15 --prompt_file data/demo/test_prompts.jsonl --base demo/base
     python sample.py --checkpoint llama-65b --device cuda:0,cuda:1 --prompt ...   # layers split
     python sample.py --checkpoint out/lima-llama3.2-1b/epoch_07 --prompt "How do I brew good tea?"
 
@@ -22,7 +23,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -56,6 +57,7 @@ class SampleConfig(Decoding):  # the decoding flags and their defaults come from
     device: str = field(default="auto", metadata={"help": "auto (cuda if any; all visible GPUs, layers split, when the model does not fit one), cpu, cuda:1, or a list cuda:0,cuda:1"})
     dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 on GPU, float32 on CPU", "choices": ("auto",) + config.DTYPES})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decode step"})
+    base: Optional[str] = field(default=None, metadata={"help": "the base model it was fine-tuned from: under each answer (--prompt_file without --out), the base's plain continuation (--raw) of the same prompt"})
 
 
 def log(*args):
@@ -252,6 +254,17 @@ def load(cfg):
     return model, tokenizer
 
 
+def base_continuations(cfg, records, gen, seed):
+    """What the base model does with each prompt before any fine-tuning: plain completion of
+    the prompt's text (a conversation shown with its roles, data.render_prompt). Prompt i
+    samples with prompt_seed(seed, i), as its fine-tuned answer does."""
+    base, base_tokenizer = load(replace(cfg, checkpoint=cfg.base, tokenizer=None))
+    texts = [[data.render_prompt(r["turns"])] for r in records]
+    check_lengths(base, base_tokenizer, [{"turns": t} for t in texts], range(len(texts)), True, cfg.max_seq_len)
+    return respond(base, base_tokenizer, texts, raw=True, batch_size=cfg.batch_size,
+                   seeds=[prompt_seed(seed, i) for i in range(len(texts))], **gen)
+
+
 def interactive(model, tokenizer, cfg, gen, seed):
     """Talk to the model. Each exchange is appended in the training format, so turn n sees
     BOS u1 EOT a1 EOT .. u_n EOT (LIMA §3); the oldest exchanges drop out when the
@@ -309,6 +322,9 @@ def run(cfg):
     if cfg.out and os.path.isdir(cfg.out):
         raise PromptError(f"--out {cfg.out} is a directory; give a file name, e.g. "
                           f"{os.path.join(cfg.out, 'generations.jsonl')}")
+    if cfg.base and (cfg.prompt_file is None or cfg.out):
+        raise PromptError("--base goes with --prompt_file and no --out: it prints each answer "
+                          "above the base model's continuation of the same prompt")
     records = data.read_prompts(cfg.prompt_file) if cfg.prompt_file else None
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
     decoding = {k: getattr(cfg, k) for k in DECODING}
@@ -337,8 +353,11 @@ def run(cfg):
         settings = dict(decoding, raw=cfg.raw)
         responses = dict(answer(model, tokenizer, records, list(range(len(records))), settings,
                                 batch_size=cfg.batch_size, seed=seed, compile=cfg.compile))
+        continuations = base_continuations(cfg, records, gen, seed) if cfg.base else None
         for i, r in enumerate(records):
             print(f"### {r['turns'][-1]}\n{responses[i]}\n", flush=True)
+            if continuations is not None:
+                print(f"--- the base model, continuing the same text:\n{continuations[i]}\n", flush=True)
     elif cfg.interactive:
         interactive(model, tokenizer, cfg, gen, seed)
     else:

@@ -18,7 +18,10 @@ Our decisions (the paper used LLaMA 1 only):
   post-processor never does, so the ids are exactly the layout above on every base.
 - EOT: where the base has an end-of-turn token (Llama 3's `<|eot_id|>`, 128009), the format
   uses it and the vocabulary is unchanged. Otherwise (SentencePiece) it is a new id, the base
-  vocabulary size (32000), and the model grows one row (model.mean_rows).
+  vocabulary size (32000), and the model grows one row (model.mean_rows). Its text, where other
+  programs see one, is `<|eot_id|>` too: so every LIMA checkpoint ends a turn with the same
+  token text, and it is the one that llama.cpp, Ollama and vLLM's users already know as an
+  end of turn (llama.cpp stops generating at a token by its text; `<eot>` it would not know).
 - Text is text: a special token's name inside a conversation ("<|eot_id|>") is encoded as the
   characters it is, never as the special id, with every backend (as Meta's Llama 3 tokenizer
   does), so no example can forge a turn boundary.
@@ -32,11 +35,12 @@ import hashlib
 import importlib
 import os
 import re
+import struct
 
 # The names by which a tokenizer.json marks LLaMA's special tokens (Llama 3's, then LLaMA 1/2's)
 BOS_NAMES = ("<|begin_of_text|>", "<s>")
 EOS_NAMES = ("<|end_of_text|>", "</s>")
-EOT_NAME = "<|eot_id|>"  # Llama 3's end of turn
+EOT_NAME = "<|eot_id|>"  # Llama 3's end of turn; also the text of the EOT row added to LLaMA 1/2
 
 # Meta's Llama 3.x tokenizer (llama-models, models/llama3/tokenizer.py): the split regex, and the
 # 256 special tokens that follow the BPE ranks (only BOS, EOS and EOT matter to LIMA; their
@@ -101,6 +105,12 @@ class Tokenizer:
             mask += [trains] * len(ids)
         return tokens, mask
 
+    def hf_tokenizer_json(self, eot_id=None):
+        """This tokenizer as a Hugging Face tokenizer.json (a dict), with the EOT at eot_id where
+        it is a new row; None where the file is a tokenizer.json already, or cannot be one.
+        See "As Hugging Face files" below."""
+        return None
+
     def check_model_vocab(self, vocab_size, where):
         """A model of this tokenizer has the base's rows, or (EOT added) one more."""
         if vocab_size not in (self.n_base, self.vocab_size):
@@ -136,6 +146,9 @@ class SentencePieceTokenizer(Tokenizer):
     def _decode(self, ids):
         specials = {self.bos_id, self.eos_id, self.sp.pad_id()}
         return self.sp.DecodeIds([i for i in ids if i not in specials])
+
+    def hf_tokenizer_json(self, eot_id=None):
+        return sentencepiece_to_hf(self.path, eot_id)
 
 
 class HFTokenizer(Tokenizer):
@@ -194,6 +207,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def _decode(self, ids):
         return self.enc.decode([i for i in ids if i < self.n_ranks])  # specials dropped
+
+    def hf_tokenizer_json(self, eot_id=None):
+        return tiktoken_to_hf(read_tiktoken_ranks(self.path))  # its EOT is its own <|eot_id|>
 
 
 def read_tiktoken_ranks(path):
@@ -294,3 +310,196 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# ---- as Hugging Face files: tokenizer.json and the chat template ---------------------------------
+# What transformers, vLLM and llama.cpp read beside the weights (checkpoint.save_hf writes them).
+# tokenizer.json is built here from the tokenizer file itself, the way transformers' converters
+# build it (LlamaConverter, TikTokenConverter), so saving needs neither transformers nor protobuf.
+
+# LIMA §3's chat format as a Jinja chat template: BOS, then every utterance closed by EOT; no role
+# names and no system prompt, and nothing to add for the reply, which starts right after the
+# user's EOT. Each utterance follows a special token, and each client tokenizes the text between
+# special tokens on its own, as encode_dialog tokenizes each utterance: SentencePiece's leading
+# space comes out the same (tokenizer.json's normalizer prepends it to every run of text, and
+# llama.cpp does so after every special token). The tests check the ids in each client.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') %}"
+    "{{ raise_exception('The LIMA chat format has user and assistant turns, in turn, starting "
+    "with the user, and no system prompt.') }}{% endif %}"
+    "{{ message['content'] }}" + EOT_NAME + "{% endfor %}")
+
+# SentencePiece's piece types (4, user-defined, and 5, unused, are not in LLaMA's), and BPE's
+# number in its TrainerSpec.model_type
+SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_BYTE = 1, 2, 3, 6
+SPM_BPE = 2
+
+
+def _protobuf_fields(buf):
+    """(field number, value) of a serialized protobuf message, in order: varints as ints,
+    length-delimited fields as bytes (strings, nested messages), fixed-width ones as raw bytes.
+    Enough to read a SentencePiece model without the protobuf package."""
+    i = 0
+
+    def varint():
+        nonlocal i
+        value = shift = 0
+        while True:
+            byte = buf[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while i < len(buf):
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire == 2:
+            n = varint()
+            value, i = buf[i:i + n], i + n
+        elif wire in (1, 5):  # fixed 64 / 32 bits
+            n = 8 if wire == 1 else 4
+            value, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        yield field, value
+
+
+def read_sentencepiece_model(path):
+    """(pieces, settings) of a SentencePiece .model file (a ModelProto): pieces is a list of
+    (text, score, type) in id order; settings holds what encoding depends on, with the defaults
+    sentencepiece_model.proto declares."""
+    with open(path, "rb") as f:
+        proto = f.read()
+    pieces, trainer, normalizer = [], {}, {}
+    for field, value in _protobuf_fields(proto):
+        if field == 1:  # SentencePiece {1: piece, 2: score (float), 3: type}
+            p = dict(_protobuf_fields(value))
+            pieces.append((p[1].decode("utf-8"), struct.unpack("<f", p.get(2, b"\0" * 4))[0],
+                           p.get(3, SPM_NORMAL)))
+        elif field == 2:
+            trainer = dict(_protobuf_fields(value))
+        elif field == 3:
+            normalizer = dict(_protobuf_fields(value))
+    settings = {"model_type": trainer.get(3, 1), "treat_whitespace_as_suffix": bool(trainer.get(24, 0)),
+                "charsmap": normalizer.get(2, b""), "add_dummy_prefix": bool(normalizer.get(3, 1)),
+                "remove_extra_whitespaces": bool(normalizer.get(4, 1)),
+                "escape_whitespaces": bool(normalizer.get(5, 1))}
+    return pieces, settings
+
+
+def _added_token(i, text):
+    return {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": True}
+
+
+def _bos_template(bos_text, bos_id):
+    """A post-processor that puts BOS first, as LLaMA's Hugging Face tokenizers do."""
+    bos = {"SpecialToken": {"id": bos_text, "type_id": 0}}
+    return {"type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos_text, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos_text: {"id": bos_text, "ids": [bos_id], "tokens": [bos_text]}}}
+
+
+def sentencepiece_to_hf(path, eot_id=None):
+    """A SentencePiece BPE model (LLaMA 1/2), + our EOT at eot_id -> tokenizer.json (a dict) that
+    gives SentencePiece's ids. None for a model this cannot express exactly (not BPE, user-defined
+    or unused pieces, whitespace as a suffix): the checkpoint then has tokenizer.model only.
+
+    As transformers' LlamaConverter: the pieces are the vocabulary; a merge is every split of a
+    piece into two pieces, ranked by the merged piece's score (SentencePiece merges the pair
+    whose merge scores highest); bytes for characters not in it (byte fallback). The normalizer
+    is SentencePiece's: its character map, if any, extra spaces removed if it does so, "▁"
+    prepended and spaces escaped; no pre-tokenizer (SentencePiece does not split the text).
+    """
+    pieces, s = read_sentencepiece_model(path)
+    kinds = {kind for _, _, kind in pieces}
+    if (s["model_type"] != SPM_BPE or s["treat_whitespace_as_suffix"]
+            or not kinds <= {SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_BYTE}):
+        return None
+    vocab = {text: i for i, (text, _, _) in enumerate(pieces)}
+    normal = {text for text, _, kind in pieces if kind == SPM_NORMAL}
+    merges = []
+    for text, score, kind in pieces:
+        if kind != SPM_NORMAL:
+            continue
+        splits = [(text[:k], text[k:]) for k in range(1, len(text)) if text[:k] in normal and text[k:] in normal]
+        splits.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges += [(score, len(a), len(b), a, b) for a, b in splits]
+    merges.sort(key=lambda m: m[:3], reverse=True)  # stable: ties keep the order above
+
+    space = "▁" if s["escape_whitespaces"] else " "
+    normalizers = []
+    if s["charsmap"]:
+        normalizers.append({"type": "Precompiled",
+                            "precompiled_charsmap": base64.b64encode(s["charsmap"]).decode()})
+    if s["remove_extra_whitespaces"]:  # leading and trailing spaces dropped, runs made one
+        normalizers += [{"type": "Replace", "pattern": {"Regex": r"\A +| +\z"}, "content": ""},
+                        {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]
+    if s["add_dummy_prefix"]:
+        normalizers.append({"type": "Prepend", "prepend": space})
+    if s["escape_whitespaces"]:
+        normalizers.append({"type": "Replace", "pattern": {"String": " "}, "content": space})
+    decoders = [{"type": "Replace", "pattern": {"String": space}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if s["add_dummy_prefix"]:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+
+    unk = next(text for text, _, kind in pieces if kind == SPM_UNKNOWN)
+    bos = next(i for i, (text, _, _) in enumerate(pieces) if text == "<s>")
+    added = [_added_token(i, text) for i, (text, _, kind) in enumerate(pieces)
+             if kind in (SPM_UNKNOWN, SPM_CONTROL)]
+    if eot_id is not None:
+        added.append(_added_token(eot_id, EOT_NAME))
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": "Sequence", "normalizers": normalizers}, "pre_tokenizer": None,
+            "post_processor": _bos_template(pieces[bos][0], bos),
+            "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": SPM_BYTE in kinds,
+                      "ignore_merges": False, "vocab": vocab, "merges": [[a, b] for *_, a, b in merges]}}
+
+
+def _byte_chars():
+    """GPT-2's reversible map of the 256 byte values to printable characters, in which byte-level
+    BPE vocabularies (Llama 3's tokenizer.json) write their tokens."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def tiktoken_to_hf(ranks):
+    """Meta's tiktoken ranks (Llama 3.x) -> tokenizer.json (a dict), as transformers'
+    TikTokenConverter writes it: the ranks as the vocabulary in byte-level characters; a merge
+    is every split of a token into two tokens, ranked by the token's rank; tiktoken's split
+    regex, then bytes; a whole pre-token that is a token is taken as it is (ignore_merges, as
+    tiktoken does); the 256 special tokens after the ranks, BOS first in every encoding."""
+    chars = _byte_chars()
+    text = {token: "".join(chars[b] for b in token) for token in ranks}
+    merges = []
+    for token, rank in ranks.items():
+        splits = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in ranks and token[k:] in ranks]
+        splits.sort(key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
+        merges += [(rank, a, b) for a, b in splits]
+    merges.sort(key=lambda m: m[0])
+    specials = [_added_token(len(ranks) + i, name) for i, name in enumerate(TIKTOKEN_SPECIALS)]
+    bos = specials[TIKTOKEN_SPECIALS.index("<|begin_of_text|>")]
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": specials,
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": TIKTOKEN_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": {"type": "Sequence", "processors": [
+                {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+                _bos_template(bos["content"], bos["id"])]},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": True, "vocab": {text[t]: r for t, r in ranks.items()},
+                      "merges": [[text[a], text[b]] for _, a, b in merges]}}

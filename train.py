@@ -1,6 +1,6 @@
 """LIMA fine-tuning: 15 epochs of plain next-token loss on ~1,000 examples (LIMA §3).
 
-    # the built-in demo: a tiny model from scratch on the demo data, CPU, a few minutes
+    # the built-in demo: LIMA's recipe on the small pretrained base in demo/base, CPU, ~2 minutes
     python prepare_data.py --demo --out_dir data/demo && python train.py --preset demo
 
     # LIMA 65B (the paper's run): 8 GPUs, FSDP2
@@ -20,13 +20,23 @@
 Every optimizer step takes `batch_size` examples, split over ranks and then into packed
 micro-batches (one token stream per micro-batch, example boundaries in `cu_seqlens`, no padding).
 The loss is the mean over all supervised tokens of the whole step, whatever the split.
+
+out_dir belongs to one run. A second process on it is refused while the first runs (a lock the
+kernel drops when its holder dies). Into an out_dir that holds a run, a new run starts only with
+--overwrite; --resume continues it from the end of its last finished epoch, refusing settings
+or data that would make it another run, and trims its logs back to that point. Nothing
+non-finite is ever written: a step whose loss or gradient norm is NaN or inf is not taken and
+the run stops, keeping the last good state. The resume state is safetensors and JSON (no
+pickle: no code runs from a file in out_dir). Ctrl-C says what was kept and how to continue.
 """
 
+import gc
 import json
 import math
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -39,63 +49,101 @@ from tqdm import tqdm
 import checkpoint
 import config
 import data
+import devices
 import distributed
 import files
+import rundir
 import optim
-from config import DTYPES, parse_config
+import report
+from config import check_ranges, parse_config
 from distributed import log
-from generate import respond
+from generate import Decoding, encode_prompt, respond
 from model import PRESETS as MODEL_PRESETS
 from model import IGNORE_INDEX, Transformer, init_untrained_row, mean_rows, model_args
-from tokenizer import Tokenizer, load_tokenizer
+from tokenizer import load_tokenizer
+
+SCRATCH = "scratch"  # --init_from scratch: random weights, only when asked for
 
 
 @dataclass
 class TrainConfig:
     """Fine-tune a LLaMA on LIMA-format data prepared by prepare_data.py."""
-    init_from: str = field(default="", metadata={"help": "base model dir (Meta or HF layout, or one of ours): LLaMA 1, Llama 2, Llama 3.x; empty: from scratch"})
-    model: str = field(default="debug", metadata={"help": f"model preset when training from scratch: {', '.join(MODEL_PRESETS)}"})
+    init_from: str = field(default="", metadata={
+        "help": "the base model's directory (Meta or HF layout, or one of ours): LLaMA 1, Llama 2, "
+                "Llama 3.x; 'scratch' trains a --model preset from random weights"})
+    tokenizer: Optional[str] = field(default=None, metadata={
+        "help": "the base model's tokenizer file (tokenizer.model or tokenizer.json) when it is not "
+                "in --init_from or its parent (checked against the data's)"})
+    model: str = field(default="debug", metadata={
+        "help": "model preset for --init_from scratch", "choices": sorted(MODEL_PRESETS)})
     data_dir: str = field(default="data/lima", metadata={"help": "output of prepare_data.py"})
-    out_dir: str = field(default="out/lima", metadata={"help": "checkpoints, resume state, metrics.jsonl, dev generations"})
+    out_dir: str = field(default="out/lima", metadata={
+        "help": "checkpoints, resume state, metrics.jsonl, training_curves.png, dev generations"})
     # LIMA §3: "15 epochs using AdamW with β1 = 0.9, β2 = 0.95, and weight decay of 0.1.
     # Without warmup steps, we set the initial learning rate to 1e-5 and linearly decaying to
     # 1e-6 by the end of training. The batch size is set to 32 examples (64 for smaller
     # models), and texts longer than 2048 tokens are trimmed."
-    epochs: int = field(default=15, metadata={"help": "LIMA §3"})
-    batch_size: int = field(default=32, metadata={"help": "examples per optimizer step, all ranks together (LIMA §3)"})
-    lr: float = field(default=1e-5, metadata={"help": "at step 0, no warmup (LIMA §3)"})
-    min_lr: float = field(default=1e-6, metadata={"help": "at the last step, linear decay (LIMA §3)"})
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = field(default=0.1, metadata={"help": "on matrices, not on norms (LIMA §3)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm; the paper is silent (ours: LLaMA's pretraining value); 0 = off"})
+    epochs: int = field(default=15, metadata={"help": "LIMA §3", "min": 1})
+    batch_size: int = field(default=32, metadata={
+        "help": "examples per optimizer step, all ranks together (LIMA §3)", "min": 1})
+    # max: Adam's step is up to 1e4 lr (lr / (1 - beta1^t)) and must stay a float32 (< 3e38)
+    lr: float = field(default=1e-5, metadata={"help": "at step 0, no warmup (LIMA §3)", "min": 0, "max": 1e30})
+    min_lr: float = field(default=1e-6, metadata={
+        "help": "at the last step, linear decay (LIMA §3)", "min": 0, "max": "lr"})
+    beta1: float = field(default=0.9, metadata={"min": 0, "max": 0.9999})  # 1: the moment never moves
+    beta2: float = field(default=0.95, metadata={"min": 0, "max": 0.9999})
+    weight_decay: float = field(default=0.1, metadata={"help": "on matrices, not on norms (LIMA §3)", "min": 0})
+    grad_clip: float = field(default=1.0, metadata={
+        "help": "max grad norm; the paper is silent (ours: LLaMA's pretraining value); 0 = off", "min": 0})
     # LIMA §3: "residual dropout ... linearly raise the rate across the layers, from p=0.0 at
     # the bottom layer to p=0.3 at the last layer (p=0.2 for smaller models)".
-    resid_dropout: float = field(default=0.3, metadata={"help": "p_max of the depth-scaled residual dropout (LIMA §3)"})
+    resid_dropout: float = field(default=0.3, metadata={
+        "help": "p_max of the depth-scaled residual dropout (LIMA §3)", "min": 0, "max": 1})
     # LIMA §3: checkpoints were picked by hand among epochs 5-10 on the dev set
-    save_epochs: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9, 10], metadata={"help": "epochs (1-based) with a full checkpoint and dev generations; the last epoch always"})
-    generate_every_epoch: bool = field(default=False, metadata={"help": "dev generations after every epoch, not only the saved ones"})
-    dev_max_new_tokens: Optional[int] = field(default=None, metadata={"help": "cap on dev responses; None: up to the context (LIMA §5)"})
-    micro_batch_tokens: int = field(default=8192, metadata={"help": "token budget of one packed micro-batch per rank"})
-    seed: int = 1337
-    resume: bool = field(default=False, metadata={"help": "continue from out_dir/resume (the end of the last finished epoch)"})
-    device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
-    param_dtype: str = field(default="float32", metadata={"help": f"sharded master weights and so optimizer state: {' or '.join(DTYPES[:2])} (65B on 8x80GB)"})
-    compute_dtype: str = field(default="auto", metadata={"help": f"forward/backward dtype: auto (bfloat16 on cuda, else param_dtype), {', '.join(DTYPES[:2])}"})
+    save_epochs: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9, 10], metadata={
+        "help": "epochs (1-based) with a full checkpoint and dev generations; the last epoch always",
+        "min": 1, "max": "epochs"})
+    generate_every_epoch: bool = field(default=False, metadata={
+        "help": "dev generations after every epoch, not only the saved ones"})
+    dev_max_new_tokens: Optional[int] = field(default=None, metadata={
+        "help": "cap on dev responses; None: up to the context (LIMA §5)", "min": 1})
+    micro_batch_tokens: int = field(default=8192, metadata={
+        "help": "token budget of one packed micro-batch per rank", "min": 1})
+    seed: int = field(default=1337, metadata={"min": 0})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in out_dir from the end of its last finished epoch"})
+    overwrite: bool = field(default=False, metadata={"help": "delete the earlier run in out_dir and start again"})
+    device: str = field(default="auto", metadata={
+        "help": "auto: cuda if available, else cpu", "choices": ["auto", "cpu", "cuda"]})
+    param_dtype: str = field(default="float32", metadata={
+        "help": "sharded master weights and so optimizer state (65B on 8x80GB: bfloat16)",
+        "choices": ["float32", "bfloat16"]})
+    compute_dtype: str = field(default="auto", metadata={
+        "help": "forward/backward dtype: auto is bfloat16 on cuda, else param_dtype",
+        "choices": ["auto", "float32", "bfloat16"]})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each block in the backward"})
-    cpu_offload: bool = field(default=False, metadata={"help": "keep sharded params, grads and optimizer state in host memory"})
+    cpu_offload: bool = field(default=False, metadata={
+        "help": "keep sharded params, grads and optimizer state in host memory"})
     force: bool = field(default=False, metadata={"help": "start even if the memory plan says it does not fit"})
-    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many optimizer steps (benchmarks, tests)"})
+    max_steps: Optional[int] = field(default=None, metadata={
+        "help": "stop after this many optimizer steps (benchmarks, tests)", "min": 1})
+    # --plan_only: the plan of a run, before renting the GPUs (no weights needed, only their config)
+    plan_only: bool = field(default=False, metadata={"help": "print the memory, disk and time plan for --gpus GPUs and every option set, then stop"})
+    gpus: int = field(default=8, metadata={"help": "GPUs (ranks) to plan for with --plan_only", "min": 1})
+    gpu_memory_gib: float = field(default=80.0, metadata={"help": "memory of each GPU, for --plan_only", "gt": 0})
+    plan_mfu: float = field(default=0.4, metadata={"help": "model FLOPs utilisation the time estimate assumes", "gt": 0, "max": 1})
 
 
+LR_DEMO = 3e-4  # a tenth of the base's pretraining peak; LIMA's 1e-5 barely moves it (lr_sweep.md)
 PRESETS = {
     # LIMA §3: "64 for smaller models", "p=0.2 for smaller models" (the 7B ablations)
     "small": dict(batch_size=64, resid_dropout=0.2),
-    # The built-in demo: a tiny model learns the chat format from scratch on a CPU. Not the
-    # paper's numbers: from random init it needs a far larger learning rate and no dropout.
-    "demo": dict(model="demo", data_dir="data/demo", out_dir="out/demo", epochs=15,
-                 lr=3e-3, min_lr=3e-4, resid_dropout=0.0, save_epochs=[15],
-                 dev_max_new_tokens=64, device="cpu", micro_batch_tokens=4096),
+    # The built-in demo: LIMA's recipe for its smaller model ("small" above) on the 1.3M-parameter
+    # base that demo/pretrain.py pretrained (demo/base). One change, measured: a learning rate
+    # for this size (experiments/results/lr_sweep.md), still decaying linearly to a tenth.
+    "demo": dict(init_from="demo/base", data_dir="data/demo", out_dir="out/demo", epochs=15,
+                 batch_size=64, resid_dropout=0.2, lr=LR_DEMO, min_lr=LR_DEMO / 10,
+                 save_epochs=[15], dev_max_new_tokens=64, device="cpu", micro_batch_tokens=4096),
 }
 
 
@@ -173,8 +221,14 @@ def lr_at(step, total_steps, cfg):
 
 def resolve_model_args(cfg, meta, tokenizer):
     """The architecture, and whether the EOT row must be added to the base vocabulary: only
-    where the base has no end-of-turn token of its own (LLaMA 1 / 2; Llama 3 has <|eot_id|>)."""
-    if cfg.init_from:
+    where the base has no end-of-turn token of its own (LLaMA 1 / 2; Llama 3 has <|eot_id|>).
+    The data must have been tokenized with the base model's own tokenizer: the same number of
+    pieces is not enough (other pieces would train the model on wrong ids), so its file is
+    compared."""
+    if cfg.init_from == SCRATCH:
+        args = model_args(cfg.model, vocab_size=meta["vocab_size"])
+        add_eot = False
+    else:
         args = checkpoint.load_args(cfg.init_from)
         if args.vocab_size not in (tokenizer.n_base, tokenizer.vocab_size):
             raise ValueError(
@@ -183,13 +237,21 @@ def resolve_model_args(cfg, meta, tokenizer):
                 f"{' + EOT' if tokenizer.adds_eot else ', EOT included'}). Run prepare_data.py "
                 f"with the tokenizer that came with this model.")
         add_eot = args.vocab_size < tokenizer.vocab_size
-        tok = checkpoint.find_tokenizer(cfg.init_from)
-        if tok is not None:  # the data must have been tokenized with the model's own tokenizer
-            data.check_tokenizer(meta, load_tokenizer(tok))
+        tok = cfg.tokenizer or checkpoint.find_tokenizer(cfg.init_from)
+        if tok is None:
+            raise ValueError(
+                f"{cfg.init_from}: no tokenizer.model or tokenizer.json in this directory or its parent, so the "
+                f"data's tokenizer cannot be checked against the model's. Pass --tokenizer PATH, "
+                f"the tokenizer that came with these weights.")
+        base_tokenizer = load_tokenizer(tok)
+        recorded = checkpoint.read_extra(cfg.init_from).get("tokenizer_sha256")
+        if recorded is not None and recorded != base_tokenizer.sha256():  # a checkpoint of ours
+            raise ValueError(
+                f"{cfg.init_from}: was trained with a tokenizer of sha256 {recorded[:12]}..., but "
+                f"{tok} has sha256 {base_tokenizer.sha256()[:12]}...; pass the tokenizer saved "
+                f"with it.")
+        data.check_tokenizer(meta, base_tokenizer)
         args.vocab_size = tokenizer.vocab_size
-    else:
-        args = model_args(cfg.model, vocab_size=meta["vocab_size"])
-        add_eot = False
     args.max_seq_len = max(args.max_seq_len, meta["max_len"])
     args.resid_dropout = cfg.resid_dropout
     return args, add_eot
@@ -200,7 +262,7 @@ def source_weights(cfg, args, add_eot, eot_id):
     (model.mean_rows, LIMA §3), or where the base has its own EOT but never trained it (Llama 3
     base models: a zero row), that row set the same way (model.init_untrained_row); or a random
     init made the same way on every rank."""
-    if not cfg.init_from:
+    if cfg.init_from == SCRATCH:
         torch.manual_seed(cfg.seed)
         scratch = Transformer(args)
         scratch.init_weights()
@@ -252,17 +314,79 @@ def dev_loss(model, split, world_size, rank, budget, device, bos_id):
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def dev_generations(model, tokenizer, prompts, path, epoch, cfg, seed):
+DEV_BATCH = 16  # dev prompts decoded together
+
+
+def dev_generations(model, tokenizer, prompts, path, epoch, cfg, seed, sharded=True):
     """Responses to every dev prompt with the paper's decoding (LIMA §5), for choosing the
-    checkpoint by reading them (LIMA §3). Every rank decodes the same batch in lockstep, since
-    each FSDP forward is a collective; rank 0 writes the file."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    responses = respond(model, tokenizer, [p["turns"] for p in prompts], generator=generator,
-                        max_new_tokens=cfg.dev_max_new_tokens, all_done=distributed.all_ranks_done)
-    if dist.get_rank() == 0:
+    checkpoint by reading them (LIMA §3). sharded: the FSDP model, whose every forward is a
+    collective, so every rank decodes the same batches in lockstep and rank 0 shows the progress
+    and writes the file; else one process's plain model (`answer_saved_epochs`).
+
+    Progress is in tokens. How many a response takes is known only when it ends, so the bar's
+    total is what the responses may take at most (each prompt's budget), lowered to what they
+    took as each batch finishes: the ETA is an upper bound that tightens."""
+    generator = torch.Generator(device=model.output.weight.device).manual_seed(seed)
+    writer = not sharded or dist.get_rank() == 0
+    turns = [p["turns"] for p in prompts]
+    context = min(Decoding.max_seq_len, model.args.max_seq_len)  # what respond() decodes within
+    budgets = [max(0, context - len(encode_prompt(tokenizer, t))) for t in turns]
+    if cfg.dev_max_new_tokens is not None:
+        budgets = [min(b, cfg.dev_max_new_tokens) for b in budgets]
+    with tqdm(total=sum(budgets), unit="tok", desc=f"epoch {epoch} dev answers", leave=False,
+               disable=not writer, dynamic_ncols=True) as bar:
+        made, t0 = 0, time.perf_counter()
+
+        def progress(n):
+            nonlocal made
+            made += n
+            bar.update(n)
+
+        responses = []
+        for s in range(0, len(turns), DEV_BATCH):
+            responses += respond(model, tokenizer, turns[s:s + DEV_BATCH], generator=generator,
+                                 batch_size=DEV_BATCH, max_new_tokens=cfg.dev_max_new_tokens,
+                                 all_done=distributed.all_ranks_done if sharded else None, progress=progress)
+            bar.total = made + sum(budgets[s + DEV_BATCH:])
+            bar.refresh()
+    if writer:
         data.write_jsonl(path, [{"id": p.get("id"), "source": p.get("source"), "prompt": p["turns"][-1],
                                  "response": r, "reference": p.get("reference"), "epoch": epoch}
                                 for p, r in zip(prompts, responses)])
+    return made, time.perf_counter() - t0
+
+
+def answer_saved_epochs(cfg, tokenizer, prompts):
+    """The dev answers of every saved epoch that has none yet, once training is over and its
+    memory is free: each checkpoint is loaded in the compute dtype, its layers split over this
+    node's GPUs when it does not fit one (devices.py), and decoded by this one process. At 65B
+    that is 130 GB of bf16 weights over 8 GPUs, instead of every new token all-gathering the
+    sharded model and a KV cache in the master weights' dtype; the answers are those the
+    sharded model gives (a test checks it on CPU)."""
+    folder = os.path.join(cfg.out_dir, "dev_generations")
+    saved = sorted(name for name in rundir.earlier_run(cfg.out_dir) if name.startswith("epoch_"))
+    todo = [name for name in saved if not os.path.exists(os.path.join(folder, f"{name}.jsonl"))]
+    if not todo or not prompts:
+        return
+    os.makedirs(folder, exist_ok=True)
+    cuda = config.resolve_device(cfg.device).startswith("cuda")
+    for name in todo:
+        path, epoch = os.path.join(cfg.out_dir, name), int(name.split("_")[1])
+        args = checkpoint.load_args(path)
+        dtype = torch.bfloat16 if cuda else torch.float32  # what the checkpoint was saved in
+        placed = devices.choose_devices("auto" if cuda else "cpu", args, dtype, DEV_BATCH,
+                                        min(Decoding.max_seq_len, args.max_seq_len))
+        log(f"epoch {epoch}: dev answers from {path}, on {', '.join(placed)}")
+        model = (checkpoint.load_model(path, dtype=dtype, device=placed[0]) if len(placed) == 1
+                 else devices.load_placed(path, devices.placement_plan(args, placed), dtype))
+        model.requires_grad_(False).eval()
+        out = os.path.join(folder, f"{name}.jsonl")
+        n, seconds = dev_generations(model, tokenizer, prompts, out, epoch, cfg, cfg.seed + epoch, sharded=False)
+        log(f"epoch {epoch}: dev generations in {out} ({n:,} tokens in {seconds:.0f} s)")
+        del model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 # ---- training ----------------------------------------------------------------------------------
@@ -272,7 +396,8 @@ def train_step(model, optimizer, micro_batches, n_supervised, grad_clip):
 
     The loss is the mean over the n_supervised trained tokens of the whole step, all ranks
     together, however the examples were split. Returns (that mean, the gradient norm before
-    clipping). A non-finite loss returns before the optimizer step, which is then not taken."""
+    clipping). When either is NaN or inf the optimizer step is not taken: a finite loss can
+    still have an overflowed gradient, and one such step makes every weight NaN."""
     world_size = dist.get_world_size()
     device = micro_batches[0][0].device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -289,7 +414,8 @@ def train_step(model, optimizer, micro_batches, n_supervised, grad_clip):
         return step_loss, float("nan")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
-    optimizer.step()
+    if math.isfinite(grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm
 
@@ -302,19 +428,23 @@ class Run:
     rank: int
     world_size: int
     meta: dict  # the prepared data's meta.json
-    tokenizer: Tokenizer
+    tokenizer: object  # tokenizer.Tokenizer (any backend)
     args: object  # model.ModelArgs
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     train_split: data.Split
     dev_split: Optional[data.Split]
     dev_prompts: list
+    identity: dict  # what a resume must match (run_identity)
     epoch: int = 0  # where the loop is (0-based epoch, optimizer steps taken)
     step: int = 0
 
 
-def setup(cfg):
-    device, rank, world_size = distributed.setup_distributed(cfg.device)
+# ---- setup -------------------------------------------------------------------------------------
+
+def setup(cfg, device, rank, world_size):
+    """Data, model and optimizer; on --resume, the state of the run's last finished epoch,
+    after checking that it is the same run."""
     meta = data.load_meta(cfg.data_dir)
     train_split = data.load_split(cfg.data_dir, "train")
     has_dev = meta.get("splits", {}).get("dev", {}).get("examples")
@@ -325,14 +455,25 @@ def setup(cfg):
     if device.type == "cpu":
         threads = config.set_cpu_threads(args.dim, device)
         log(f"cpu: {threads} torch thread{'s' * (threads > 1)} per process (OMP_NUM_THREADS sets it)")
+    identity = rundir.run_identity(cfg, meta, args, device)
+    resume_path = os.path.join(cfg.out_dir, distributed.RESUME)
+    if cfg.resume:  # before minutes of loading, not after
+        rundir.check_same_run(distributed.read_state(resume_path).get("run"), identity, resume_path)
     distributed.memory_plan(cfg, args, world_size, device, meta["max_len"])
-    model = distributed.build_model(cfg, args, source_weights(cfg, args, add_eot, tokenizer.eot_id),
-                                    device)
+    # resuming: the weights come from the resume state, so the base is not read at all
+    weights = None if cfg.resume else source_weights(cfg, args, add_eot, tokenizer.eot_id)
+    model = distributed.build_model(cfg, args, weights, device)
     torch.manual_seed(cfg.seed + rank)  # dropout masks: repeatable, different on each rank
     optimizer = make_optimizer(model, cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    return Run(cfg, device, rank, world_size, meta, tokenizer, args, model, optimizer,
-               train_split, dev_split, dev_prompts)
+    run = Run(cfg, device, rank, world_size, meta, tokenizer, args, model, optimizer,
+              train_split, dev_split, dev_prompts, identity)
+    if cfg.resume:
+        state = distributed.load_resume(model, optimizer, cfg.out_dir)
+        run.epoch, run.step = state["epoch"], state["step"]
+        note = ("" if state["world_size"] == world_size else
+                f"; saved by {state['world_size']} ranks, now {world_size}: dropout draws afresh")
+        log(f"resumed at epoch {run.epoch + 1}, step {run.step}{note}")
+    return run
 
 
 PEAK_BF16 = 989e12  # H100 / H200 SXM dense bf16, the datasheet figure: MFU's denominator
@@ -345,86 +486,131 @@ def step_flops(args, n_params, lengths):
     return 6 * n_params * tokens + sum(6 * args.n_layers * args.dim * int(n) ** 2 for n in lengths)
 
 
-def start_logs(run):
-    """metrics.jsonl: a fresh run starts it anew; a resumed one keeps the lines of the steps
-    before its resume point (the killed run may have logged a few more)."""
-    path = os.path.join(run.cfg.out_dir, "metrics.jsonl")
-    if run.rank != 0:
-        return path
-    if run.cfg.resume and os.path.exists(path):
-        kept = [r for _, r in data.read_jsonl(path, repair_tail=True) if r["step"] < run.step]
-        data.write_jsonl(path, kept)
-    elif os.path.exists(path):
-        os.remove(path)
-    files.write_json(os.path.join(run.cfg.out_dir, "train_config.json"), asdict(run.cfg))
-    return path
+LIMA_EXAMPLES, LIMA_MEAN_TOKENS = 1000, 750  # LIMA §2: 1,000 examples, ~750K tokens
+
+
+def plan(cfg):
+    """--plan_only: the base's configuration (or a --model preset), the data's example lengths
+    (or LIMA's 1,000 examples at their mean length) -> the plan, printed."""
+    if cfg.init_from == SCRATCH or not cfg.init_from:
+        args = model_args(cfg.model)
+    else:
+        args = checkpoint.load_args(cfg.init_from, weights=False)
+    try:
+        split = data.load_split(cfg.data_dir, "train")
+        lengths, max_len, source = split.lengths, data.load_meta(cfg.data_dir)["max_len"], cfg.data_dir
+    except (FileNotFoundError, ValueError):
+        lengths, max_len = [LIMA_MEAN_TOKENS] * LIMA_EXAMPLES, 2048
+        source = f"no data in {cfg.data_dir}: LIMA's {LIMA_EXAMPLES:,} examples of {LIMA_MEAN_TOKENS} tokens"
+    print("\n".join([f"data: {source}"] + distributed.plan_report(
+        cfg, args, cfg.gpus, cfg.gpu_memory_gib, lengths, cfg.plan_mfu, max_len)))
 
 
 def train(cfg):
-    run = setup(cfg)
-    split, lengths = run.train_split, run.train_split.lengths
-    supervised = supervised_counts(split)
+    check_ranges(cfg)
+    if cfg.plan_only:
+        return plan(cfg)
+    if not cfg.init_from:
+        raise ValueError("--init_from: pass the base model's directory (LIMA fine-tunes a "
+                         "pretrained LLaMA), or --init_from scratch to train a --model preset from "
+                         "random weights")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in out_dir and --overwrite deletes it: pass one")
+    device, rank, world_size = distributed.setup_distributed(cfg.device)
+    try:
+        with ExitStack() as held:
+            def claim():  # rank 0 holds the lock on out_dir until the run ends
+                os.makedirs(cfg.out_dir, exist_ok=True)
+                held.enter_context(files.lock(os.path.join(cfg.out_dir, "train")))
+                rundir.claim_out_dir(cfg)
+            distributed.on_rank0(claim)
+            run = setup(cfg, device, rank, world_size)
+            loop(run)
+            tokenizer, prompts = run.tokenizer, run.dev_prompts
+            del run  # the sharded model and optimizer: their memory is the dev answers' now
+            distributed.teardown()  # the other ranks are done
+            gc.collect()
+            if rank == 0:  # still holding out_dir's lock
+                answer_saved_epochs(cfg, tokenizer, prompts)
+    finally:
+        distributed.teardown()
+
+
+def loop(run):
+    """Epochs of steps from where the run is, each epoch ended by end_of_epoch; --max_steps stops
+    early (a partial epoch gets no end-of-epoch work)."""
+    cfg, split = run.cfg, run.train_split
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs  # the lr schedule's length
     stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
-    run.epoch, run.step = 0, 0
-    if cfg.resume:
-        state = distributed.load_resume(run.model, run.optimizer, cfg.out_dir)
-        run.epoch, run.step = state["epoch"], state["step"]
-        log(f"resumed at epoch {run.epoch + 1}, step {run.step}")
-    metrics = start_logs(run)
-    n_params = sum(p.numel() for p in run.model.parameters())
-    bf16_gpu = run.device.type == "cuda" and distributed.compute_dtype(cfg, run.device) == torch.bfloat16
-    bar = tqdm(total=stop_at, initial=run.step, disable=run.rank != 0, desc="train", dynamic_ncols=True)
+    supervised = supervised_counts(split)
+    metrics = rundir.start_logs(cfg, run.rank, run.step, run.epoch)
     run.model.train()
-    for epoch in range(run.epoch, cfg.epochs):
-        order = epoch_order(len(split), epoch, cfg.seed, lengths, cfg.batch_size)
-        for b in range(run.step - epoch * steps_per_epoch, steps_per_epoch):
-            if run.step >= stop_at:
-                break
-            t0 = time.perf_counter()
-            batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
-            plan = plan_microbatches(batch, lengths, run.world_size, cfg.micro_batch_tokens)
-            n_supervised = int(supervised[batch].sum())  # the same number on every rank
-            lr = lr_at(run.step, total_steps, cfg)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            micro = [pack(split, examples, run.device, run.tokenizer.bos_id) for examples in plan[run.rank]]
-            loss, grad_norm = train_step(run.model, run.optimizer, micro, n_supervised, cfg.grad_clip)
-            if not math.isfinite(loss):
-                raise SystemExit(
-                    f"loss is {loss} at step {run.step} (epoch {epoch + 1}); no checkpoint was written "
-                    f"for this step. Try a lower --lr, --param_dtype float32, or check the data in "
-                    f"{cfg.data_dir}.")
-            dt = time.perf_counter() - t0
-            tokens = int(sum(lengths[i] - 1 for i in batch))
-            record = dict(step=run.step, epoch=epoch + 1, loss=loss, lr=lr, grad_norm=grad_norm,
-                          tokens=tokens, supervised_tokens=n_supervised, tokens_per_s=tokens / dt, time_s=dt)
-            if bf16_gpu:
-                flops = step_flops(run.args, n_params, [lengths[i] for i in batch])
-                record["mfu"] = flops / dt / (PEAK_BF16 * run.world_size)
-                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
-            if run.rank == 0:
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}")
-                bar.update(1)
-            run.step += 1
-        if run.step < (epoch + 1) * steps_per_epoch:
-            break  # stopped early by --max_steps: no end-of-epoch work for a partial epoch
-        end_of_epoch(run, epoch)
-    bar.close()
-    saved = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("epoch_"))
+    with tqdm(total=stop_at, initial=run.step, disable=run.rank != 0, desc="train", dynamic_ncols=True) as bar:
+        for epoch in range(run.epoch, cfg.epochs):
+            order = epoch_order(len(split), epoch, cfg.seed, split.lengths, cfg.batch_size)
+            while run.step < min((epoch + 1) * steps_per_epoch, stop_at):
+                b = run.step - epoch * steps_per_epoch
+                batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
+                record = one_step(run, epoch, batch, total_steps, supervised)
+                if run.rank == 0:
+                    with open(metrics, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{record['loss']:.4f}",
+                                    tok_s=f"{record['tokens_per_s']:,.0f}")
+                    bar.update(1)
+            if run.step < (epoch + 1) * steps_per_epoch:
+                break  # stopped by --max_steps
+            end_of_epoch(run, epoch)
+    saved = [name for name in rundir.earlier_run(cfg.out_dir) if name.startswith("epoch_")]
+    curves = (f"{report.TRAINING_CURVES} (the curves as a picture), " if os.path.exists(
+        os.path.join(cfg.out_dir, report.TRAINING_CURVES)) else "no training_curves.png (it needs "
+        "matplotlib), " if report.pyplot() is None else "")
     log(f"done: {run.step} steps. In {cfg.out_dir}: metrics.jsonl (one line per step), dev.jsonl "
-        f"(dev loss per epoch), dev_generations/ (responses to read when picking a checkpoint), "
-        f"resume/ (for --resume), checkpoints {', '.join(saved) or 'none'}")
-    dist.destroy_process_group()
+        f"(dev loss per epoch), {curves}dev_generations/ (responses to read when picking a "
+        f"checkpoint), resume/ (for --resume), checkpoints {', '.join(saved) or 'none'}")
+
+
+def one_step(run, epoch, batch, total_steps, supervised):
+    """One optimizer step on the examples `batch` -> its metrics record. A step whose loss or
+    gradient norm is not finite is not taken, and the run stops."""
+    cfg, lengths = run.cfg, run.train_split.lengths
+    t0 = time.perf_counter()
+    plan = plan_microbatches(batch, lengths, run.world_size, cfg.micro_batch_tokens)
+    n_supervised = int(supervised[batch].sum())  # the same number on every rank
+    lr = lr_at(run.step, total_steps, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    micro = [pack(run.train_split, examples, run.device, run.tokenizer.bos_id) for examples in plan[run.rank]]
+    loss, grad_norm = train_step(run.model, run.optimizer, micro, n_supervised, cfg.grad_clip)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm} (loss {loss:.4f})"
+        raise SystemExit(
+            f"error: the {what} at step {run.step} (epoch {epoch + 1}): the step was not taken "
+            f"and nothing of it was written; kept: {rundir.kept(cfg.out_dir)}. Try a lower --lr, "
+            f"--param_dtype float32, or check the data in {cfg.data_dir}.")
+    dt = time.perf_counter() - t0
+    tokens = int(sum(lengths[i] - 1 for i in batch))
+    record = dict(step=run.step, epoch=epoch + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
+                  supervised_tokens=n_supervised, tokens_per_s=tokens / dt, time_s=dt)
+    if run.device.type == "cuda" and distributed.compute_dtype(cfg, run.device) == torch.bfloat16:
+        flops = step_flops(run.args, sum(p.numel() for p in run.model.parameters()), [lengths[i] for i in batch])
+        record["mfu"] = flops / dt / (PEAK_BF16 * run.world_size)
+        record["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    run.step += 1
+    return record
 
 
 def end_of_epoch(run, epoch):
     """Dev loss, dev answers and a checkpoint for the epochs to choose among (LIMA §3), then the
-    resume state."""
+    resume state; nothing at all when a weight or optimizer moment is NaN or inf."""
     cfg, ep = run.cfg, epoch + 1  # 1-based, as the paper counts epochs
+    bad = distributed.nonfinite(run.model, run.optimizer)
+    if bad:
+        raise SystemExit(
+            f"error: after epoch {ep} (step {run.step}), {len(bad)} tensors hold NaN or inf: "
+            f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}. Nothing of epoch {ep} was "
+            f"written; kept: {rundir.kept(cfg.out_dir)}. Try a lower --lr or --param_dtype float32.")
     loss = dev_loss(run.model, run.dev_split, run.world_size, run.rank, cfg.micro_batch_tokens,
                     run.device, run.tokenizer.bos_id)
     if loss is not None:
@@ -432,26 +618,52 @@ def end_of_epoch(run, epoch):
         if run.rank == 0:
             with open(os.path.join(cfg.out_dir, "dev.jsonl"), "a") as f:
                 f.write(json.dumps({"epoch": ep, "step": run.step, "dev_loss": loss}) + "\n")
+    if run.rank == 0:  # the curves so far as a picture (needs matplotlib, which is optional)
+        report.training_curves(cfg.out_dir)
     keep = ep in cfg.save_epochs or ep == cfg.epochs
-    if run.dev_prompts and (keep or cfg.generate_every_epoch):
+    # a saved epoch's dev answers come from its checkpoint once training is over
+    # (answer_saved_epochs); --generate_every_epoch answers the others here, through the
+    # sharded model (for small models: every token is a collective)
+    if run.dev_prompts and cfg.generate_every_epoch and not keep:
         os.makedirs(os.path.join(cfg.out_dir, "dev_generations"), exist_ok=True)
         path = os.path.join(cfg.out_dir, "dev_generations", f"epoch_{ep:02d}.jsonl")
-        dev_generations(run.model, run.tokenizer, run.dev_prompts, path, ep, cfg, cfg.seed + ep)
-        log(f"epoch {ep}: dev generations in {path}")
+        n, seconds = dev_generations(run.model, run.tokenizer, run.dev_prompts, path, ep, cfg, cfg.seed + ep)
+        log(f"epoch {ep}: dev generations in {path} ({n:,} tokens in {seconds:.0f} s)")
     if keep:
         path = os.path.join(cfg.out_dir, f"epoch_{ep:02d}")
         save_dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
-        extra = dict(eot_id=run.meta["eot_id"], epoch=ep, train_config=asdict(cfg))
+        extra = dict(eot_id=run.meta["eot_id"], epoch=ep, tokenizer_sha256=run.meta["tokenizer_sha256"],
+                     train_config=asdict(cfg))
         distributed.save_consolidated(run.model, run.args, path, save_dtype, run.meta["tokenizer"], extra)
         log(f"epoch {ep}: checkpoint in {path}")
-    distributed.save_resume(run.model, run.optimizer, cfg.out_dir, run.step, ep)
+    distributed.save_resume(run.model, run.optimizer, cfg.out_dir,
+                            dict(step=run.step, epoch=ep, run=run.identity))
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(TrainConfig, argv, presets=PRESETS)
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
         train(cfg)
-    except (FileNotFoundError, ValueError) as e:  # bad input: a clear message, no traceback
+    except KeyboardInterrupt:
+        if rank0:
+            resumable = rundir.last_state(cfg.out_dir) is not None
+            print(f"\ninterrupted. Kept in {cfg.out_dir}: {rundir.kept(cfg.out_dir)}. "
+                  f"{'Continue' if resumable else 'Start again'} with: {rundir.continue_command(argv, resumable)}",
+                  file=sys.stderr)
+        sys.exit(130)
+    except files.LockedError as e:  # another run holds out_dir
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (OSError, distributed.Failed) as e:  # a full or read-only disk: one line, no traceback
+        text = files.explain(e) if isinstance(e, OSError) and e.filename else str(e)
+        if rundir.last_state(cfg.out_dir) is not None:
+            text += (f". Kept in {cfg.out_dir}: {rundir.kept(cfg.out_dir)}; once that is fixed, continue "
+                     f"with: {rundir.continue_command(argv, True)}")
+        print(f"error: {text}", file=sys.stderr)
+        sys.exit(1)
+    except ValueError as e:  # bad input: a clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -29,7 +29,6 @@ the bandwidth bound: every step reads all weights plus the live KV cache (4.25 T
 on an H200, benchmarks/gpu_h200.md).
 """
 
-import argparse
 import contextlib
 import datetime
 import io
@@ -39,6 +38,8 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -47,7 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import checkpoint  # noqa: E402
 import generate  # noqa: E402
 from bench_kernels import lima_lengths  # noqa: E402
-from model import ModelArgs, Transformer, model_args  # noqa: E402
+from config import parse_config  # noqa: E402
+from model import PRESETS, ModelArgs, Transformer, model_args  # noqa: E402
 
 SMALL = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32001, multiple_of=256)
 BANDWIDTH = 4.25e12  # B/s, device-to-device copy measured on an H200 (benchmarks/gpu_h200.md)
@@ -420,28 +422,37 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
-    p.add_argument("--preset", default="small", help="small, or a model.PRESETS name (7B, ...)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16], help="rate")
-    p.add_argument("--prompt_len", type=int, default=64, help="rate")
-    p.add_argument("--new_tokens", type=int, default=64, help="rate")
-    p.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1024, 2000], help="context")
-    p.add_argument("--step_tokens", type=int, default=33, help="context: new tokens for the per-step time")
-    p.add_argument("--stream_lengths", type=int, nargs="+", default=[256, 512, 1024, 2048], help="stream")
-    p.add_argument("--prompts", type=int, default=300, help="prompts: how many (LIMA's test set: 300)")
-    p.add_argument("--max_prompt", type=int, default=128, help="prompts: the longest prompt")
-    p.add_argument("--max_answer", type=int, default=256, help="prompts: the longest answer")
-    p.add_argument("--batch_size", type=int, default=16, help="prompts: rows (sample.py's default)")
-    p.add_argument("--prompt_repeats", type=int, default=1, help="prompts: rounds")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="rate: also time --compile")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default="", help="also append the tables (markdown) here")
-    a = p.parse_args()
+@dataclass
+class DecodeBenchConfig:
+    parts: list[str] = field(default_factory=lambda: list(PARTS), metadata={"choices": list(PARTS)})
+    preset: str = field(default="small", metadata={"help": "small, or a model.PRESETS name",
+                                                   "choices": ["small"] + sorted(PRESETS)})
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu",
+                        metadata={"choices": ["cpu", "cuda"]})
+    dtype: Optional[str] = field(default=None, metadata={"help": "None: bfloat16 on cuda, float32 on cpu",
+                                                         "choices": ["float32", "bfloat16", "float16"]})
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 16], metadata={"help": "rate", "min": 1})
+    prompt_len: int = field(default=64, metadata={"help": "rate", "min": 1})
+    new_tokens: int = field(default=64, metadata={"help": "rate: at least 2", "min": 2})
+    contexts: list[int] = field(default_factory=lambda: [64, 512, 1024, 2000],
+                                metadata={"help": "context: prompt tokens", "min": 1})
+    step_tokens: int = field(default=33, metadata={"help": "context: new tokens for the per-step time",
+                                                   "min": 2})
+    stream_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048],
+                                      metadata={"help": "stream: answer tokens", "min": 1})
+    prompts: int = field(default=300, metadata={"help": "prompts: how many (LIMA's test set: 300)", "min": 1})
+    max_prompt: int = field(default=128, metadata={"help": "prompts: the longest prompt", "min": 4})
+    max_answer: int = field(default=256, metadata={"help": "prompts: the longest answer", "min": 1})
+    batch_size: int = field(default=16, metadata={"help": "prompts: rows (sample.py's default)", "min": 1})
+    prompt_repeats: int = field(default=1, metadata={"help": "prompts: rounds", "min": 1})
+    repeats: int = field(default=3, metadata={"min": 1})
+    compile: bool = field(default=False, metadata={"help": "rate: also time sample.py --compile"})
+    threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads", "min": 1})
+    out: str = field(default="", metadata={"help": "also append the tables (markdown) here"})
+
+
+def main(argv=None):
+    a = parse_config(DecodeBenchConfig, argv, description=__doc__.split("\n\n")[0])
     if a.threads:
         torch.set_num_threads(a.threads)
     load_before = os.getloadavg()

@@ -308,7 +308,7 @@ def training_equivalence(rec, device, smoke):
     steps = 3 if smoke else 20
     lengths = [9, 30, 17, 4, 22, 11] * 4 if smoke else [120, 900, 37, 1000, 256, 513, 64, 800] * 10
     split = synthetic_split(lengths, args.vocab_size, seed=0)
-    cfg = train.TrainConfig(lr=1e-3, min_lr=1e-4, micro_batch_tokens=64 if smoke else 2048,
+    cfg = train.TrainConfig(init_from=train.SCRATCH, lr=1e-3, min_lr=1e-4, micro_batch_tokens=64 if smoke else 2048,
                       compute_dtype="auto", resid_dropout=0.3)
     losses = {}
     for use_kernels in (True, False):

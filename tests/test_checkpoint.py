@@ -263,7 +263,7 @@ def test_save_is_real_hf_and_round_trips(ours, tmp_path, tiny_tokenizer_path):
     assert checkpoint.read_extra(out) == {**extra, "tokenizer_sha256": file_sha256(tiny_tokenizer_path)}
     # the EOT row (vocab = 300 pieces + 1) is visible to HF and llama.cpp, and stops sampling
     assert tok.eot_id == 300
-    assert json.loads((out / "added_tokens.json").read_text()) == {"<eot>": 300}
+    assert json.loads((out / "added_tokens.json").read_text()) == {"<|eot_id|>": 300}
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [2, 300] and gen["top_p"] == 0.9 and gen["temperature"] == 0.7
 

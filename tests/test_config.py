@@ -50,9 +50,12 @@ class Ranged:
     top_p: float = field(default=0.9, metadata={"gt": 0, "max": 1})
     batch_size: int = field(default=16, metadata={"min": 1})
     cap: Optional[int] = field(default=None, metadata={"min": 1})
-    epochs: list[int] = field(default_factory=lambda: [5], metadata={"min": 1})
-    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32")})
-    lr: float = 1e-5
+    epochs: int = field(default=15, metadata={"min": 1})
+    lr: float = field(default=1e-5, metadata={"min": 0})
+    min_lr: float = field(default=1e-6, metadata={"min": 0, "max": "lr"})
+    save: list[int] = field(default_factory=lambda: [5], metadata={"min": 1, "max": "epochs"})
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16")})
+    kind: Optional[str] = field(default=None, metadata={"choices": ["a", "b"]})
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -60,25 +63,39 @@ class Ranged:
     (["--top_p", "1.5"], "--top_p 1.5: must be greater than 0 and at most 1"),
     (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
     (["--cap", "-5"], "--cap -5: must be at least 1"),
-    (["--epochs", "3", "0"], "--epochs 0: must be at least 1"),
-    (["--dtype", "fp16"], "--dtype 'fp16': must be one of auto, float32"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--lr", "-1"], "--lr -1.0: must be at least 0"),
     (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--min_lr", "1e-4"], "--min_lr 0.0001: must be at least 0 and at most --lr (1e-05)"),
+    (["--save", "3", "16"], "--save 16: must be at least 1 and at most --epochs (15)"),
+    (["--save", "0"], "--save 0: must be at least 1"),
+    (["--dtype", "fp16"], "--dtype 'fp16': must be one of auto, float32, bfloat16"),
+    (["--kind", "c"], "--kind 'c': must be one of a, b"),
+    (["--preset", "bad"], "--epochs 0: must be at least 1"),  # a preset's values are checked too
 ])
-def test_out_of_range_values_are_refused_by_name(capsys, argv, message):
+def test_out_of_range_values_are_one_message_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        parse_config(Ranged, argv)
+        parse_config(Ranged, argv, {"bad": {"epochs": 0, "save": [1]}})
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
 def test_in_range_values_and_unset_optionals_pass(capsys):
-    cfg = parse_config(Ranged, ["--top_p", "1", "--batch_size", "1", "--cap", "none",
-                                "--epochs", "1", "2", "--dtype", "float32"])
-    assert cfg == Ranged(top_p=1.0, batch_size=1, cap=None, epochs=[1, 2], dtype="float32")
+    cfg = parse_config(Ranged, ["--top_p", "1", "--batch_size", "1", "--cap", "none", "--epochs", "1",
+                                "--save", "1", "--min_lr", "1e-5", "--kind", "none", "--dtype", "bfloat16"])
+    assert cfg == Ranged(top_p=1.0, batch_size=1, cap=None, epochs=1, save=[1], min_lr=1e-5, dtype="bfloat16")
+    assert parse_config(Ranged, ["--kind", "b"]).kind == "b"
     with pytest.raises(SystemExit):
         parse_config(Ranged, ["-h"])
     assert "greater than 0 and at most 1" in capsys.readouterr().out  # the range is in -h
+
+
+def test_check_ranges_for_configs_built_in_code():
+    from config import check_ranges
+    check_ranges(Ranged())
+    with pytest.raises(ValueError, match="--epochs 0: must be at least 1"):
+        check_ranges(Ranged(epochs=0, save=[]))
 
 
 def test_resolve_device_names_a_bad_device():

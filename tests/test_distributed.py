@@ -59,7 +59,7 @@ def test_gpu_process_groups_carry_a_cpu_backend_for_offloaded_gradients(monkeypa
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
-    monkeypatch.setattr(dist, "init_process_group", lambda backend: asked.append(backend))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: asked.append(backend))
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "get_world_size", lambda: 1)
     env = {k: v for k, v in os.environ.items()

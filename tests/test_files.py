@@ -1,5 +1,7 @@
-"""files.py: one writer per output (lock), and one message for a bad JSON file (read_json)."""
+"""files.py: one writer per output (lock), the clean-up after a killed write, one message for a
+bad JSON file (read_json) and for a failed write (explain)."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -63,3 +65,28 @@ def test_read_json_names_the_file_and_the_problem(tmp_path, content, problem):
     with pytest.raises(ValueError) as e:
         files.read_json(path, "Re-download it.")
     assert str(e.value).startswith(f"{path}: {problem}") and str(e.value).endswith("Re-download it.")
+
+
+def test_remove_stale_deletes_temporaries_and_puts_back_a_moved_aside_original(tmp_path):
+    (tmp_path / ".epoch_02.tmp-ab12_x").mkdir()  # a killed save_hf: a full model at 65B
+    (tmp_path / ".epoch_02.tmp-ab12_x" / "model.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / ".metrics.jsonl.tmp-q9").write_text("half")  # a killed write_atomic
+    (tmp_path / ".epoch_01.old-zz").mkdir()  # swap_dir killed between its two renames:
+    (tmp_path / ".epoch_01.old-zz" / "config.json").write_text("{}")  # the good one, aside
+    (tmp_path / "epoch_03").mkdir()
+    (tmp_path / ".epoch_03.old-yy").mkdir()  # swap finished, the old one not yet deleted
+    for keep in ("metrics.jsonl", ".hidden", "resume.tmp", ".epoch_04.tmp"):
+        (tmp_path / keep).write_text("mine")
+    removed = files.remove_stale(tmp_path)
+    assert sorted(removed) == [".epoch_02.tmp-ab12_x", ".epoch_03.old-yy", ".metrics.jsonl.tmp-q9"]
+    assert sorted(os.listdir(tmp_path)) == [".epoch_04.tmp", ".hidden", "epoch_01", "epoch_03",
+                                            "metrics.jsonl", "resume.tmp"]
+    assert (tmp_path / "epoch_01" / "config.json").exists()
+
+
+def test_explain_says_which_file_and_what_to_do():
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/out/metrics.jsonl")
+    assert files.explain(full) == ("/data/out/metrics.jsonl: No space left on device; the disk is "
+                                   "full: free space or choose another output directory")
+    ro = OSError(errno.EROFS, os.strerror(errno.EROFS), "/mnt/ro/out")
+    assert "/mnt/ro/out: Read-only file system; the file system is read-only" in files.explain(ro)

@@ -32,7 +32,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 from tests.conftest import LLAMA3_RANKS, ROOT, WORDS  # noqa: E402
 from tests.test_checkpoint import HF_TO_META, rotate_half_to_interleaved, scale_up  # noqa: E402
-from tokenizer import HFTokenizer, TiktokenTokenizer, load_tokenizer  # noqa: E402
+from tokenizer import CHAT_TEMPLATE, HFTokenizer, TiktokenTokenizer, load_tokenizer  # noqa: E402
 
 VOCAB = LLAMA3_RANKS + 256  # the BPE ranks, then Llama 3's 256 special tokens
 BOS, EOS, EOT = LLAMA3_RANKS, LLAMA3_RANKS + 1, LLAMA3_RANKS + 9  # as 128000, 128001, 128009
@@ -306,8 +306,13 @@ def test_prepare_train_save_and_transformers_loads_it(base, prepared, tmp_path):
     assert config["tie_word_embeddings"] == base["tied"] and config["vocab_size"] == VOCAB
     assert config["rope_scaling"]["rope_type"] == "llama3" and config["head_dim"] == 24
     assert json.loads((saved / "generation_config.json").read_text())["eos_token_id"] == [EOS, EOT]
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # the base's own files
-        assert (saved / name).read_bytes() == (base["path"] / name).read_bytes()
+    assert (saved / "tokenizer.json").read_bytes() == (base["path"] / "tokenizer.json").read_bytes()
+    # the base's tokenizer_config.json with LIMA's chat template (and transformers 4's name for
+    # the class transformers 5 wrote), the template also in chat_template.jinja
+    config, base_config = (json.loads((d / "tokenizer_config.json").read_text()) for d in (saved, base["path"]))
+    assert config.pop("chat_template") == CHAT_TEMPLATE == (saved / "chat_template.jinja").read_text()
+    base_config.pop("chat_template", None)
+    assert config == {**base_config, "tokenizer_class": "PreTrainedTokenizerFast"}
     assert not (saved / "added_tokens.json").exists()
 
     hf = transformers.LlamaForCausalLM.from_pretrained(saved, attn_implementation="eager")

@@ -1,5 +1,5 @@
 """prepare_data.py: the token layout and mask of LIMA's chat format (LIMA §3), trimming, the
-dev split, both input formats, the readers, the demo, and every bad input (message + nothing
+dev split, both input formats, the readers, and every bad input (message + nothing
 written). Expected tokens are built by hand from tokenizer.encode, not from encode_dialog."""
 
 import json
@@ -298,42 +298,6 @@ def test_rerun_replaces_output(tmp_path, tiny_tokenizer_path):
     assert sorted(os.listdir(tmp_path)) == ["data", "data.jsonl"]
 
 
-def test_demo_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    meta = pd.main(["--demo", "--out_dir", str(out)])
-    assert "multi_turn" in capsys.readouterr().out
-    assert meta["tokenizer"] == str(out / "tokenizer.model")
-    assert meta["tokenizer_sha256"] == file_sha256(out / "tokenizer.model")
-    tok = load_tokenizer(data.load_meta(out)["tokenizer"])
-    assert meta["eot_id"] == tok.eot_id == pd.DEMO_VOCAB_SIZE
-    train, dev = data.load_split(out, "train"), data.load_split(out, "dev")
-    assert len(train) + len(dev) == 1050 and len(dev) == 50
-    assert meta["splits"]["train"]["sources"]["multi_turn"] > 30
-    assert meta["splits"]["train"]["len_max"] < 128  # short: a CPU model trains on it in minutes
-    tokens, mask = train.example(0)
-    assert tokens[0] == tok.bos_id and tokens[-1] == tok.eot_id and mask[-1]
-    tests = data.read_prompts(out, "test")
-    assert len(tests) == 16 and all(t["reference"] for t in tests)
-    # the demo tokenizer reproduces the demo text exactly (newlines in lists included)
-    text = "Here are three fruits:\n1. apple\n2. pear\n3. plum"
-    assert tok.decode(tok.encode(text)) == text
-    again = pd.main(["--demo", "--out_dir", str(tmp_path / "again")])
-    assert again["tokenizer_sha256"] == meta["tokenizer_sha256"]  # deterministic
-
-
-def test_demo_files_are_make_demo_output():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("make_demo", os.path.join(pd.ROOT, "demo", "make_demo.py"))
-    make_demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_demo)
-    train, test = make_demo.make()
-    assert [json.loads(line) for line in open(pd.DEMO_TRAIN)] == train
-    assert [json.loads(line) for line in open(pd.DEMO_TEST)] == test
-    train_prompts = {tuple(r["conversations"][:k]) for r in train
-                     for k in range(1, len(r["conversations"]), 2)}
-    assert not any(tuple(t["conversations"][:-1]) in train_prompts for t in test)  # held out
-
-
 def test_large_file_is_fast(tmp_path, tiny_tokenizer_path):
     rng = random.Random(0)
     rows = [json.dumps({"conversations": [sentence(rng, 3, 12), sentence(rng, 3, 20)], "source": "s"})
@@ -343,3 +307,46 @@ def test_large_file_is_fast(tmp_path, tiny_tokenizer_path):
     assert time.time() - t0 < 10
     assert meta["splits"]["train"]["examples"] == 19_950 and meta["splits"]["dev"]["examples"] == 50
     assert data.load_split(out, "train").offsets[-1] == meta["splits"]["train"]["tokens"]
+
+
+def test_dev_examples_also_in_train_are_reported_and_refused(tmp_path, tiny_tokenizer_path, capsys):
+    rows, dev_rows = make_rows(20, seed=0), make_rows(5, seed=1)
+    dev_rows[1] = dict(rows[7], conversations=["  " + rows[7]["conversations"][0]] + rows[7]["conversations"][1:])
+    dev_rows[3] = rows[12]  # the same prompt (whitespace aside): the model trains on its answer
+    dev = write_jsonl(tmp_path / "dev.jsonl", dev_rows)
+    with pytest.raises(SystemExit):
+        prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_file", dev)
+    err = capsys.readouterr().err
+    train = tmp_path / "data.jsonl"
+    assert "2 dev examples have a prompt that is also in train" in err
+    assert f"{dev}:2 = {train}:8" in err and f"{dev}:4 = {train}:13" in err and "--allow_dev_overlap" in err
+    assert not (tmp_path / "data").exists()
+    out, meta = prepare(tmp_path, tiny_tokenizer_path, rows, "--dev_file", dev, "--allow_dev_overlap")
+    assert meta["dev_in_train"] == 2 and "prompt also in train" in capsys.readouterr().out
+
+
+def test_carved_dev_never_takes_a_prompt_that_train_repeats(tmp_path, tiny_tokenizer_path):
+    rows = make_rows(12)
+    repeated = [dict(r, conversations=r["conversations"][:-1] + ["another answer"]) for r in rows[:6]]
+    out, meta = prepare(tmp_path, tiny_tokenizer_path, rows + repeated, "--dev_size", "5", "--seed", "0")
+    assert meta["dev_in_train"] == 0 and all(6 < line <= 12 for line in meta["dev_lines"])
+    with pytest.raises(SystemExit):  # six prompts appear once: at most six can be held out
+        prepare(tmp_path, tiny_tokenizer_path, rows + repeated, "--dev_size", "7", name="seven")
+
+
+def test_flags_are_range_checked_when_read(tmp_path, capsys):
+    for argv, message in ((["--dev_size", "-1"], "--dev_size -1: must be at least 0"),
+                          (["--max_len", "1"], "--max_len 1: must be at least 2")):
+        with pytest.raises(SystemExit) as e:
+            pd.main(["--demo", "--out_dir", str(tmp_path / "x"), *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unwritable_out_dir_is_one_message(tmp_path, tiny_tokenizer_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(5))
+    with pytest.raises(SystemExit) as e:
+        pd.main(["--train", train, "--tokenizer", tiny_tokenizer_path, "--out_dir", str(tmp_path / "a_file" / "data"), "--dev_size", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and f"{tmp_path / 'a_file'}: " in err and "choose another output directory" in err
+    assert "Traceback" not in err

@@ -755,3 +755,24 @@ def test_cli_bad_device_is_one_message(chat_dir, capsys):
     for device, want in (("nope", "'nope' is not a device"), (" , ", "--device is empty")):
         err = fail_main(["--checkpoint", chat_dir, "--prompt", "tea", "--device", device], capsys)
         assert want in err and "Traceback" not in err
+
+
+def test_cli_base_prints_the_base_continuation_under_each_answer(chat_dir, tiny_tokenizer_path, tok, tmp_path, capsys):
+    base = str(tmp_path / "base")
+    checkpoint.save_model(tiny_model(tok.eot_id, seed=4), base, tokenizer_path=tiny_tokenizer_path)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat sat\nseven robots\n")
+    argv = ["--checkpoint", chat_dir, "--prompt_file", str(prompts), "--temperature", "0", "--max_new_tokens", "5"]
+    out = run_main(argv + ["--base", base], capsys).out
+    m, _ = checkpoint.load_model_and_tokenizer(base)
+    want = [tok.decode(ids) for ids in generate.generate(
+        m, [[tok.bos_id] + tok.encode(p) for p in ("the cat sat", "seven robots")], stop_ids=(tok.eos_id,),
+        max_new_tokens=5, **GREEDY)]
+    blocks = out.split("### ")[1:]
+    assert len(blocks) == 2
+    for block, continuation in zip(blocks, want):
+        answer, base_part = block.split("--- the base model, continuing the same text:\n")
+        assert base_part.strip("\n") == continuation.strip("\n")
+    plain = run_main(argv, capsys).out
+    assert [b.split("--- the base")[0] for b in blocks] == plain.split("### ")[1:]  # answers unchanged
+    assert "--base goes with --prompt_file" in fail_main(["--checkpoint", chat_dir, "--prompt", "hi", "--base", base], capsys)

@@ -139,7 +139,7 @@ def test_special_token_names_in_text_are_text(llama3, tok):
     for t in toks.values():
         ids = t.encode(text)
         assert ranks + 9 not in ids and ranks not in ids and t.decode(ids) == text
-    assert tok.eot_id not in tok.encode("<s> </s> <eot>") and tok.bos_id not in tok.encode("<s>")
+    assert tok.eot_id not in tok.encode("<s> </s> <|eot_id|> <eot>") and tok.bos_id not in tok.encode("<s>")
 
 
 def test_tokenizer_identity_is_the_file(llama3, llama3_tokenizer_files, tok):

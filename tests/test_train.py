@@ -1,11 +1,19 @@
 """train.py on CPU: the recipe's schedule, packing and loss masking, and that the per-step losses
 do not depend on the number of ranks (torchrun, gloo), the micro-batching, or a kill and resume."""
 
+import contextlib
+import io
 import json
 import os
 import random
+import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,8 +22,11 @@ import torch
 import checkpoint
 import data
 import distributed
+import files
 import model as M
 import prepare_data
+import report
+import rundir
 import train
 from model import IGNORE_INDEX
 from tests.conftest import ROOT, WORDS
@@ -46,20 +57,53 @@ def setup(tmp_path_factory, tiny_tokenizer_path):
     return d
 
 
-def run(setup, out, *flags, nproc=1):
+FLAGS = ["--epochs", "2", "--batch_size", "8", "--resid_dropout", "0", "--lr", "1e-3", "--min_lr", "1e-4",
+         "--seed", "3", "--save_epochs", "2", "--dev_max_new_tokens", "4"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+
+def launch(setup, out, *flags, nproc=1):
+    """train.py (under torchrun with nproc > 1) with the tests' flags, then these. Returns the
+    finished process."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py")]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + random.Random(out).randint(0, 1000)), os.path.join(ROOT, "train.py")]
+               "--master_port", str(free_port()), os.path.join(ROOT, "train.py")]
     cmd += ["--init_from", str(setup / "base"), "--data_dir", str(setup / "data"),
-            "--out_dir", str(setup / out), "--epochs", "2", "--batch_size", "8",
-            "--resid_dropout", "0", "--lr", "1e-3", "--min_lr", "1e-4", "--seed", "3",
-            "--save_epochs", "2", "--dev_max_new_tokens", "4", *flags]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+            "--out_dir", str(setup / out), *FLAGS, *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def train_here(setup, out, *flags):
+    """train.py's main in this process, which saves starting an interpreter (seconds) per run.
+    Returns what launch() does: returncode, stderr."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            train.main(["--init_from", str(setup / "base"), "--data_dir", str(setup / "data"),
+                        "--out_dir", str(setup / out), *FLAGS, *flags])
+        code, message = 0, ""
+    except SystemExit as e:  # as the interpreter reports it: a string is printed, status 1
+        code, message = (1, e.code + "\n") if isinstance(e.code, str) else (e.code, "")
+    return SimpleNamespace(returncode=code, stderr=err.getvalue() + message)
+
+
+def free_port():
+    """A port nothing listens on now (other test runs may share the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(setup, out, *flags, nproc=1):
+    proc = launch(setup, out, *flags, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(setup / out / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f], proc
+    return read_metrics(setup / out), proc
+
+
+def read_metrics(out):
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +124,40 @@ def test_lr_schedule_and_metrics(reference):
     assert np.allclose(np.diff(lrs), np.diff(lrs)[0])  # linear, no warmup
     assert losses(reference)[-1] < losses(reference)[0]
     assert all(np.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0 for r in reference)
+
+
+def test_training_curves_are_drawn_each_epoch(setup, reference):
+    png = setup / "ref" / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_curves_plot_the_logged_numbers(tmp_path, monkeypatch):
+    """What is drawn is metrics.jsonl and dev.jsonl: the loss and learning rate of each step,
+    the dev loss of each epoch (the last line of an epoch a resumed run repeated), a torn last
+    line ignored; without matplotlib, no picture and no error."""
+    pytest.importorskip("matplotlib")
+    steps = [dict(step=i, epoch=i // 3 + 1, loss=3.0 - 0.1 * i, lr=1e-5 - 1e-6 * i) for i in range(6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps) + '{"step": 6, "lo')
+    dev = [dict(epoch=1, step=3, dev_loss=2.5), dict(epoch=1, step=3, dev_loss=2.4), dict(epoch=2, step=6, dev_loss=2.6)]
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
+    plt = report.pyplot()
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert report.training_curves(str(tmp_path)) == str(tmp_path / "training_curves.png")
+    top, bottom = figures[0].axes
+    per_step, per_epoch, dev_line = [line for line in top.get_lines() if line.get_label()[0] != "_"]
+    assert list(per_step.get_ydata()) == [r["loss"] for r in steps]
+    assert list(per_epoch.get_xdata()) == [2, 5] and np.allclose(per_epoch.get_ydata(), [2.9, 2.6])
+    assert list(dev_line.get_xdata()) == [2, 5] and list(dev_line.get_ydata()) == [2.4, 2.6]
+    lr, = [line for line in bottom.get_lines() if line.get_label()[0] != "_"]
+    assert list(lr.get_ydata()) == [r["lr"] for r in steps]
+    assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    (tmp_path / "training_curves.png").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    assert report.pyplot() is None and report.training_curves(str(tmp_path)) is None
+    assert not (tmp_path / "training_curves.png").exists()
+    assert report.training_curves(str(tmp_path / "nothing yet")) is None
 
 
 def test_paper_defaults():
@@ -110,9 +188,20 @@ def test_two_ranks_equal_one(setup, reference):
     assert np.allclose(losses(records), losses(reference), rtol=1e-4, atol=0)
 
 
-def test_killed_after_epoch_one_then_resumed_equals_uninterrupted(setup):
-    # with dropout on, so the resumed run must also restore the random state
-    whole, _ = run(setup, "whole", "--resid_dropout", "0.3")
+@pytest.fixture(scope="module")
+def whole(setup):
+    """With dropout on, so that a resumed run must also restore the random state."""
+    return run(setup, "whole", "--resid_dropout", "0.3")[0]
+
+
+@pytest.fixture(scope="module")
+def after_epoch1(setup):
+    """A run stopped after epoch 1 (of 2): its resume state, logs and lock, to copy and resume."""
+    assert train_here(setup, "epoch1", "--resid_dropout", "0.3", "--max_steps", "5").returncode == 0
+    return setup / "epoch1"
+
+
+def test_killed_after_epoch_one_then_resumed_equals_uninterrupted(setup, whole):
     first, _ = run(setup, "resumed", "--resid_dropout", "0.3", "--max_steps", "5")  # stops after epoch 1
     assert len(first) == 5 and os.path.isfile(setup / "resumed" / "resume" / "state.json")
     records, proc = run(setup, "resumed", "--resid_dropout", "0.3", "--resume")
@@ -178,7 +267,9 @@ def test_first_step_takes_the_longest_examples():
     assert np.array_equal(again, train.epoch_order(100, 3, 1, lengths, 8))  # seeded per epoch
 
 
-def test_nan_loss_stops_before_any_checkpoint(setup):
+def test_non_finite_step_stops_before_any_checkpoint(setup):
+    # lr 1e30: the first step makes the weights huge; at the second the loss is still finite but
+    # the gradient is NaN. That step is not taken, and the run stops with nothing written.
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     out = setup / "nan"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--init_from", str(setup / "base"),
@@ -186,9 +277,11 @@ def test_nan_loss_stops_before_any_checkpoint(setup):
            "--batch_size", "8", "--lr", "1e30", "--min_lr", "1e30", "--grad_clip", "0", "--save_epochs", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0
-    assert "loss is nan at step" in proc.stderr or "loss is inf at step" in proc.stderr
+    assert "the gradient norm is nan" in proc.stderr and "at step 1 (epoch 1)" in proc.stderr
+    assert "the step was not taken" in proc.stderr and "Traceback" not in proc.stderr
     assert "lower --lr" in proc.stderr
     assert not (out / "epoch_01").exists() and not (out / "resume").exists()
+    assert len(read_metrics(out)) == 1  # step 0 only
 
 
 def test_mismatched_tokenizer_is_refused(setup, tmp_path):
@@ -266,7 +359,7 @@ def test_sliced_loss_under_fsdp2_equals_unsliced(tmp_path, monkeypatch, tied):
         pytest.skip("needs a fresh torch.distributed")
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        cfg = train.TrainConfig(activation_checkpointing=True, resid_dropout=0.0)
+        cfg = train.TrainConfig(init_from=train.SCRATCH, activation_checkpointing=True, resid_dropout=0.0)
         args = M.model_args("debug", vocab_size=300, tie_embeddings=tied)
         x = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
         y = x.roll(-1, 1)
@@ -290,3 +383,337 @@ def test_sliced_loss_under_fsdp2_equals_unsliced(tmp_path, monkeypatch, tied):
             assert (sliced_grads[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
     finally:
         dist.destroy_process_group()
+
+
+# ---- faults, bad input and interruptions -------------------------------------------------------
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def failed(proc, *needles):
+    """train.py refused or stopped: exit status 1 (2 for flags), one message, no traceback."""
+    assert proc.returncode in (1, 2), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_resume_state_is_safetensors_and_json_only(after_epoch1):
+    names = os.listdir(after_epoch1 / "resume")
+    assert "state.json" in names and all(n == "state.json" or n.endswith(".safetensors") for n in names)
+    state = json.loads((after_epoch1 / "resume" / "state.json").read_text())
+    assert (state["step"], state["epoch"], state["world_size"]) == (5, 1, 1)
+    assert state["run"]["batch_size"] == 8 and len(state["run"]["data_sha256"]) == 64
+
+
+PAYLOAD = '''
+import os, pickle
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch " + {marker!r},))
+with open({path!r}, "wb") as f:
+    pickle.dump(Payload(), f)
+'''
+
+
+@pytest.mark.parametrize("damage", ["pickle as a shard", "pickle as state.json", "truncated shard"])
+def test_resume_runs_no_code_and_a_damaged_state_is_one_message(setup, after_epoch1, tmp_path, damage):
+    # an attacker replaces a file of the resume state with a pickle whose loading runs a command
+    # (the old format unpickled DCP's .metadata); or a disk lost the end of a shard
+    out = copy_run(after_epoch1, setup / f"damaged-{damage.replace(' ', '-')}")
+    target = out / "resume" / ("state.json" if "state.json" in damage else "rank00000-000.safetensors")
+    marker = tmp_path / "ran"
+    if damage.startswith("pickle"):
+        subprocess.run([sys.executable, "-c", PAYLOAD.format(marker=str(marker), path=str(target))], check=True)
+    else:
+        target.write_bytes(target.read_bytes()[:-10])
+    proc = train_here(setup, out.name, "--resid_dropout", "0.3", "--resume")
+    assert not marker.exists()  # nothing ran
+    failed(proc, f"{target}: ", "restore it, or start the run again with --overwrite")
+
+
+def test_resume_finds_the_state_a_crash_between_the_renames_left(setup, after_epoch1, whole):
+    # killed in the end-of-epoch save between its two renames: no resume/, the new complete state
+    # in resume.tmp, the one before in resume.old; and, as a killed run leaves them, a torn last
+    # line in metrics.jsonl, a dev loss logged for an epoch that will run again, a half-written
+    # checkpoint directory
+    out = copy_run(after_epoch1, setup / "crash")
+    os.rename(out / "resume", out / "resume.tmp")
+    shutil.copytree(out / "resume.tmp", out / "resume.old")
+    older = json.loads((out / "resume.old" / "state.json").read_text())
+    (out / "resume.old" / "state.json").write_text(json.dumps(dict(older, step=0, epoch=0)))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "epoch": 2, "lo')
+    with open(out / "dev.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "step": 10, "dev_loss": 9.9}) + "\n")
+    (out / ".epoch_02.tmp-abc123").mkdir()
+    (out / ".epoch_02.tmp-abc123" / "model.safetensors").write_bytes(b"\0" * 1000)
+    proc = train_here(setup, out.name, "--resid_dropout", "0.3", "--resume")
+    assert proc.returncode == 0 and "resumed at epoch 2, step 5" in proc.stderr
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(10))
+    assert np.allclose(losses(records), losses(whole), rtol=1e-4, atol=0)
+    dev = [json.loads(line) for line in (out / "dev.jsonl").read_text().splitlines()]
+    assert [d["epoch"] for d in dev] == [1, 2] and dev[1]["dev_loss"] != 9.9
+    assert sorted(n for n in os.listdir(out) if n.startswith((".", "resume"))) == ["resume"]
+
+
+def test_recover_resume_takes_the_newest_complete_state(tmp_path):
+    def state(name, step):
+        os.makedirs(tmp_path / name)
+        if step is not None:  # None: killed before state.json, which is written last
+            (tmp_path / name / "state.json").write_text(json.dumps(
+                dict(step=step, epoch=step // 5, world_size=1, files=[1])))
+    state("resume", 5)
+    state("resume.tmp", None)  # killed while writing the next one
+    assert distributed.recover_resume(str(tmp_path))["step"] == 5
+    assert os.listdir(tmp_path) == ["resume"]
+    state("resume.tmp", 10)  # killed after state.json, before the renames
+    assert distributed.recover_resume(str(tmp_path))["step"] == 10
+    assert os.listdir(tmp_path) == ["resume"]
+    os.rename(tmp_path / "resume", tmp_path / "resume.old")  # killed after the first rename
+    state("resume.tmp", 15)
+    assert distributed.recover_resume(str(tmp_path))["step"] == 15
+    assert os.listdir(tmp_path) == ["resume"]
+    state("resume.old", 10)  # killed after the second rename, before the deletion
+    assert distributed.recover_resume(str(tmp_path))["step"] == 15
+    assert os.listdir(tmp_path) == ["resume"]
+
+
+def test_resume_refuses_another_run_naming_each_difference(setup, after_epoch1, tiny_tokenizer_path):
+    other = setup / "other_data"
+    if not other.exists():  # the same file, another dev split
+        prepare_data.main(["--train", str(setup / "train.jsonl"), "--tokenizer", tiny_tokenizer_path,
+                           "--out_dir", str(other), "--dev_size", "4", "--seed", "1"])
+    out = copy_run(after_epoch1, setup / "another")
+    before = (out / "metrics.jsonl").read_bytes()
+    proc = train_here(setup, out.name, "--resid_dropout", "0.3", "--resume", "--batch_size", "4",
+                      "--lr", "2e-3", "--data_dir", str(other))
+    err = failed(proc, "--batch_size (8 there, 4 now)", "--lr (0.001 there, 0.002 now)",
+                 "the prepared data (sha256")
+    assert "--resid_dropout" not in err and "--seed" not in err  # only what differs
+    assert (out / "metrics.jsonl").read_bytes() == before
+    # what may differ: how the step is computed, when to stop
+    proc = train_here(setup, out.name, "--resid_dropout", "0.3", "--resume", "--micro_batch_tokens", "64",
+                      "--max_steps", "6")
+    assert proc.returncode == 0 and [r["step"] for r in read_metrics(out)] == list(range(6))
+
+
+def test_resume_on_another_number_of_ranks(setup, reference):
+    # saved by 2 ranks (each holding half the rows of every tensor), resumed by 1
+    run(setup, "reshard", "--max_steps", "5", nproc=2)
+    proc = train_here(setup, "reshard", "--resume")
+    assert proc.returncode == 0 and "saved by 2 ranks, now 1" in proc.stderr
+    assert np.allclose(losses(read_metrics(setup / "reshard")), losses(reference), rtol=1e-4, atol=0)
+
+
+def test_an_earlier_run_is_kept_unless_resume_or_overwrite(setup, after_epoch1):
+    out = copy_run(after_epoch1, setup / "earlier")
+    before = {n: (out / n).read_bytes() for n in ("metrics.jsonl", "dev.jsonl")}
+    failed(train_here(setup, out.name), f"{out} holds an earlier run", "--resume", "--overwrite")
+    assert {n: (out / n).read_bytes() for n in before} == before and (out / "resume").is_dir()
+    proc = train_here(setup, out.name, "--overwrite", "--max_steps", "1")
+    assert proc.returncode == 0 and "deleted the earlier run" in proc.stderr
+    assert len(read_metrics(out)) == 1 and not (out / "resume").exists() and not (out / "dev.jsonl").exists()
+    failed(train_here(setup, "never_ran", "--resume"), "holds no resume state")
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_runs(setup):
+    out = setup / "busy"
+    out.mkdir()
+    with files.lock(out / "train"):  # as train.py holds it for its whole run (flock: per open file)
+        failed(train_here(setup, "busy"),
+               f"{out / 'train'} is being written by another process (pid {os.getpid()}")
+    assert os.listdir(out) == []  # the refused run left nothing; the holder removed its lock file
+
+
+def test_weights_gone_non_finite_are_never_written(setup, after_epoch1, monkeypatch):
+    # a NaN in a weight (however it got there) at the end of epoch 2: no checkpoint, no dev
+    # answers, no resume state of epoch 2; epoch 1's stay
+    out = copy_run(after_epoch1, setup / "poisoned")
+    end = train.end_of_epoch
+
+    def poisoned(run, epoch):
+        with torch.no_grad():
+            run.model.norm.weight.to_local()[0] = float("nan")
+        end(run, epoch)
+    monkeypatch.setattr(train, "end_of_epoch", poisoned)
+    proc = train_here(setup, out.name, "--resid_dropout", "0.3", "--resume", "--save_epochs", "1", "2")
+    failed(proc, "hold NaN or inf: model/norm.weight", "Nothing of epoch 2 was written",
+           "kept: the resume state of epoch 1 (step 5)")
+    assert json.loads((out / "resume" / "state.json").read_text())["epoch"] == 1
+    assert not (out / "epoch_02").exists() and not (out / "dev_generations" / "epoch_02.jsonl").exists()
+    assert [json.loads(line)["epoch"] for line in (out / "dev.jsonl").read_text().splitlines()] == [1]
+
+
+def test_train_step_takes_no_step_on_a_non_finite_gradient(tmp_path):
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("needs a fresh torch.distributed")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = M.Transformer(M.model_args("debug", vocab_size=64))
+        model.init_weights()
+        optimizer = train.make_optimizer(model, train.TrainConfig(lr=1e-3))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        x = torch.randint(0, 64, (1, 16))
+        batch = [(x, x, torch.tensor([0, 16], dtype=torch.int32))]
+        model.norm.weight.register_hook(lambda g: g * float("inf"))  # finite loss, inf gradient
+        loss, grad_norm = train.train_step(model, optimizer, batch, 16, grad_clip=1.0)
+        assert np.isfinite(loss) and not np.isfinite(grad_norm)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        assert not optimizer.state and all(p.grad is None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ctrl_c_says_what_was_kept_and_the_command_that_continues(setup):
+    out = setup / "interrupted"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--init_from", str(setup / "base"),
+           "--data_dir", str(setup / "data"), "--out_dir", str(out), *FLAGS, "--epochs", "60", "--save_epochs", "60"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while not (out / "resume" / "state.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted. Kept in {out}: the resume state of epoch "), last
+    command = last.split("Continue with: ")[1]
+    assert command.startswith("python train.py ") and command.endswith(" --resume")
+    # the command it gives continues the run (a step of it here)
+    state = json.loads((out / "resume" / "state.json").read_text())
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        train.main(shlex.split(command)[2:] + ["--max_steps", str(state["step"] + 1)])
+    assert f"resumed at epoch {state['epoch'] + 1}" in err.getvalue()
+
+
+def test_training_from_random_weights_only_when_asked(setup, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data_dir", str(setup / "data"), "--out_dir", str(setup / "no_base")])
+    assert e.value.code == 1
+    assert "--init_from: pass the base model's directory" in capsys.readouterr().err
+    assert not (setup / "no_base").exists()
+    proc = train_here(setup, "scratch", "--init_from", "scratch", "--model", "debug", "--max_steps", "1")
+    assert proc.returncode == 0 and len(read_metrics(setup / "scratch")) == 1
+
+
+def test_a_base_without_its_tokenizer_needs_one_named(setup, tmp_path, tiny_tokenizer_path):
+    from tests.conftest import train_tiny_tokenizer
+    base = tmp_path / "weights" / "base"  # no tokenizer.model here or in the parent
+    checkpoint.save_model(M.Transformer(M.model_args("debug", vocab_size=300)), str(base))
+    meta = data.load_meta(setup / "data")
+    tokenizer = load_tokenizer(meta["tokenizer"])
+    with pytest.raises(ValueError, match=f"{base}: no tokenizer.model .* Pass --tokenizer PATH"):
+        train.resolve_model_args(train.TrainConfig(init_from=str(base)), meta, tokenizer)
+    other = train_tiny_tokenizer(str(tmp_path), vocab_size=300, seed=5)  # same size, other pieces
+    with pytest.raises(ValueError, match="Run prepare_data.py again with --tokenizer"):
+        train.resolve_model_args(train.TrainConfig(init_from=str(base), tokenizer=other), meta, tokenizer)
+    args, add_eot = train.resolve_model_args(train.TrainConfig(init_from=str(base), tokenizer=tiny_tokenizer_path),
+                                             meta, tokenizer)
+    assert args.vocab_size == 301 and add_eot
+
+
+def test_checkpoints_record_the_tokenizer(reference, setup, tiny_tokenizer_path):
+    from tokenizer import file_sha256
+    extra = checkpoint.read_extra(str(setup / "ref" / "epoch_02"))
+    assert extra["tokenizer_sha256"] == file_sha256(tiny_tokenizer_path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--min_lr", "-0.1"], "--min_lr -0.1: must be at least 0"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--save_epochs", "16"], "--save_epochs 16: must be at least 1 and at most --epochs (15)"),
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--model", "nope"], "--model 'nope': must be one of"),
+    (["--param_dtype", "fp16"], "--param_dtype 'fp16': must be one of float32, bfloat16"),
+    (["--device", "tpu"], "--device 'tpu': must be one of auto, cpu, cuda"),
+    (["--resid_dropout", "1.5"], "--resid_dropout 1.5: must be at least 0 and at most 1"),
+])
+def test_flags_are_range_checked_when_read(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--init_from", "scratch", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_no_gpu_and_an_unwritable_out_dir_are_one_message(setup):
+    if not torch.cuda.is_available():
+        failed(train_here(setup, "cuda", "--device", "cuda"), "--device cuda: no CUDA device")
+    (setup / "a_file").write_text("")
+    failed(train_here(setup, "a_file/out"), f"{setup / 'a_file' / 'out'}: Not a directory")
+
+
+def test_dev_generation_progress_is_counted_in_tokens():
+    import generate
+    torch.manual_seed(0)
+    model = M.Transformer(M.model_args("debug", vocab_size=64))
+    model.init_weights()
+    calls = []
+    out = generate.generate(model, [[1, 5, 9], [1, 7]], stop_ids=(3,), max_new_tokens=40, temperature=1.0,
+                            top_p=1.0, progress=calls.append, generator=torch.Generator().manual_seed(0))
+    assert sum(calls) == sum(map(len, out)) > 0  # every kept token, stop tokens not
+    assert len(calls) <= 40 // 8 + 1  # every 8 steps, where decoding syncs anyway, and at the end
+
+
+def test_the_continue_command_keeps_the_launcher_and_the_flags(monkeypatch):
+    argv = ["--init_from", "llama/7B", "--out_dir", "out/my run", "--overwrite"]
+    for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert rundir.continue_command(argv, True) == "python train.py --init_from llama/7B --out_dir 'out/my run' --resume"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert rundir.continue_command(argv, True).startswith("torchrun --nproc_per_node=8 train.py --init_from")
+    assert rundir.continue_command(argv + ["--resume"], False).endswith("'out/my run' --overwrite")
+
+
+def test_dev_answers_from_a_saved_checkpoint_equal_the_sharded_models(reference, setup, tmp_path):
+    # train.py answers the dev prompts of a saved epoch from its checkpoint once training is
+    # over (one process, the model placed like sample.py's) instead of through the sharded model
+    # at every epoch end: on CPU the answers are the same for the same seed
+    import torch.distributed as dist
+    ckpt = setup / "ref" / "epoch_02"
+    assert (setup / "ref" / "dev_generations" / "epoch_02.jsonl").exists()  # written at the end
+    cfg = train.TrainConfig(init_from=str(ckpt), dev_max_new_tokens=24, seed=3)
+    tokenizer = load_tokenizer(ckpt / "tokenizer.model")
+    prompts = data.read_prompts(setup / "data", "dev")
+    plain = checkpoint.load_model(str(ckpt)).eval()
+    train.dev_generations(plain, tokenizer, prompts, str(tmp_path / "plain.jsonl"), 2, cfg, 5, sharded=False)
+    if dist.is_initialized():
+        pytest.skip("needs a fresh torch.distributed")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        args = checkpoint.load_args(str(ckpt))
+        sharded = distributed.build_model(cfg, args, checkpoint.iter_weights(str(ckpt)), torch.device("cpu"))
+        train.dev_generations(sharded, tokenizer, prompts, str(tmp_path / "sharded.jsonl"), 2, cfg, 5)
+    finally:
+        dist.destroy_process_group()
+    a, b = (data.read_jsonl(tmp_path / f"{n}.jsonl") for n in ("plain", "sharded"))
+    assert [r["response"] for _, r in a] == [r["response"] for _, r in b]
+    assert sum(len(tokenizer.encode(r["response"])) for _, r in a) > 20  # something was said
+
+
+def test_plan_only_from_a_config_alone(tmp_path, capsys):
+    # the plan before renting GPUs: LLaMA 65B's params.json alone (no weights downloaded yet)
+    base = tmp_path / "65B"
+    base.mkdir()
+    (base / "params.json").write_text(json.dumps(
+        {"dim": 8192, "multiple_of": 256, "n_heads": 64, "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1}))
+    train.main(["--init_from", str(base), "--data_dir", str(tmp_path / "none"), "--out_dir", str(tmp_path / "out"),
+                "--plan_only", "--gpus", "8", "--gpu_memory_gib", "80", "--micro_batch_tokens", "2048"])
+    out = capsys.readouterr().out
+    assert "plan for 65.29B parameters on 8 GPUs of 80 GiB" in out
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line.split("|")[5].strip()
+            for line in out.splitlines() if line.startswith("| float32") or line.startswith("| bfloat16")}
+    assert rows[("float32 (given)", "False", "False")] == "no"  # fp32 AdamW: 1 TB over 8 GPUs
+    assert rows[("float32", "True", "True")] == "yes"  # the README's first 65B command
+    assert rows[("bfloat16", "True", "False")] == "yes"  # and its second
+    assert "the resume state (float32 weights and Adam's two moments): 783 GB" in out
+    assert "LIMA's 1,000 examples" in out and "MFU" in out
+    assert not (tmp_path / "out").exists()  # nothing built, nothing written
