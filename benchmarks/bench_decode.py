@@ -339,16 +339,13 @@ class RedecodeStreamer:
         self.file.write("\n")
 
 
-def stream_tokenizer(tmp):
-    """A SentencePiece tokenizer trained on this repository's prose (the demo's settings), and
-    that prose as ids."""
-    import prepare_data
+def stream_tokenizer():
+    """The demo's SentencePiece tokenizer (demo/base), and this repository's prose as its ids."""
     from tokenizer import load_tokenizer
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     text = "\n".join(open(os.path.join(root, f), encoding="utf-8").read()
-                     for f in ("README.md", "docs/method.md", "docs/performance.md"))
-    prepare_data.train_demo_tokenizer(text.splitlines(), f"{tmp}/tok.model", vocab_size=2000)
-    tok = load_tokenizer(f"{tmp}/tok.model")
+                     for f in ("README.md", "docs/method.md"))
+    tok = load_tokenizer(os.path.join(root, "demo", "base", "tokenizer.model"))
     return tok, tok.encode(text)
 
 
@@ -356,22 +353,21 @@ def part_stream(a, *_):
     import sample
     lines = ["| answer tokens | sample.TextStreamer: ms | µs per token | decoding it all again per token: ms | µs per token |",
              "|---|---|---|---|---|"]
-    with tempfile.TemporaryDirectory() as tmp:
-        tok, ids = stream_tokenizer(tmp)
-        while len(ids) < max(a.stream_lengths):
-            ids = ids + ids
-        for n in a.stream_lengths:
-            def run(kind, n=n):
-                s = kind(tok, io.StringIO())
-                for t in ids[:n]:
-                    s.put(t)
-                s.end()
-                return s.file.getvalue()
-            assert run(sample.TextStreamer) == tok.decode(ids[:n]) + "\n"
-            times = rounds({"ours": lambda: run(sample.TextStreamer), "before": lambda: run(RedecodeStreamer)},
-                           a.repeats, "cpu", f"stream {n}")
-            o, b = med(times["ours"], 0), med(times["before"], 0)
-            lines.append(f"| {n} | {o * 1e3:.1f} | {o / n * 1e6:.1f} | {b * 1e3:.1f} | {b / n * 1e6:.1f} |")
+    tok, ids = stream_tokenizer()
+    while len(ids) < max(a.stream_lengths):
+        ids = ids + ids
+    for n in a.stream_lengths:
+        def run(kind, n=n):
+            s = kind(tok, io.StringIO())
+            for t in ids[:n]:
+                s.put(t)
+            s.end()
+            return s.file.getvalue()
+        assert run(sample.TextStreamer) == tok.decode(ids[:n]) + "\n"
+        times = rounds({"ours": lambda: run(sample.TextStreamer), "before": lambda: run(RedecodeStreamer)},
+                       a.repeats, "cpu", f"stream {n}")
+        o, b = med(times["ours"], 0), med(times["before"], 0)
+        lines.append(f"| {n} | {o * 1e3:.1f} | {o / n * 1e6:.1f} | {b * 1e3:.1f} | {b / n * 1e6:.1f} |")
     return "Streaming an answer (the text printed is checked against decoding it whole)", lines
 
 

@@ -18,7 +18,6 @@ process time (one thread: the work itself, whatever else the machine runs). Corr
 from the same weights, the loss and gradient norm must agree with transformers'.
 """
 
-import argparse
 import datetime
 import os
 import platform
@@ -26,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,8 +36,11 @@ import checkpoint  # noqa: E402
 import distributed  # noqa: E402
 import train  # noqa: E402
 from bench_kernels import lima_lengths  # noqa: E402
+from config import parse_config  # noqa: E402
 from data import Split  # noqa: E402
 from model import IGNORE_INDEX, ModelArgs, Transformer  # noqa: E402
+
+BATCHES = ("LIMA-like", "no padding")
 
 
 def synthetic_split(lengths, vocab_size, seed, user_share=1 / 3):
@@ -112,24 +115,30 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--n_layers", type=int, default=4)
-    p.add_argument("--n_heads", type=int, default=4)
-    p.add_argument("--vocab_size", type=int, default=32001)
-    p.add_argument("--examples", type=int, default=8, help="examples per LIMA-like batch")
-    p.add_argument("--max_len", type=int, default=1024, help="longest example of the LIMA-like batch")
-    p.add_argument("--even", type=int, nargs=2, default=[4, 512], metavar=("N", "LEN"),
-                   help="the batch that needs no padding: N examples of LEN tokens")
-    p.add_argument("--user_share", type=float, default=1 / 3,
-                   help="the share of each example that is the user's turn (no loss); 0: all trained")
-    p.add_argument("--batches", nargs="+", default=["LIMA-like", "no padding"], choices=["LIMA-like", "no padding"])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="", help="also write the table (markdown) here")
-    a = p.parse_args()
+@dataclass
+class TrainBenchConfig:
+    dim: int = field(default=512, metadata={"min": 1})
+    n_layers: int = field(default=4, metadata={"min": 1})
+    n_heads: int = field(default=4, metadata={"min": 1})
+    vocab_size: int = field(default=32001, metadata={"min": 16})
+    examples: int = field(default=8, metadata={"help": "examples per LIMA-like batch", "min": 1})
+    max_len: int = field(default=1024, metadata={"help": "longest example of the LIMA-like batch", "min": 8})
+    even: list[int] = field(default_factory=lambda: [4, 512],
+                            metadata={"help": "the batch that needs no padding: N examples of LEN tokens",
+                                      "min": 2})
+    user_share: float = field(default=1 / 3, metadata={
+        "help": "the share of each example that is the user's turn (no loss); 0: all trained", "min": 0, "max": 0.9})
+    batches: list[str] = field(default_factory=lambda: list(BATCHES), metadata={"choices": BATCHES})
+    repeats: int = field(default=5, metadata={"min": 1})
+    threads: int = field(default=1, metadata={"min": 1})
+    seed: int = 0
+    out: str = field(default="", metadata={"help": "also append the table (markdown) here"})
+
+
+def main(argv=None):
+    a = parse_config(TrainBenchConfig, argv, description=__doc__.split("\n\n")[0])
+    if len(a.even) != 2:
+        raise SystemExit("--even takes two numbers: N examples of LEN tokens")
     torch.set_num_threads(a.threads)
     load_before = os.getloadavg()
 
