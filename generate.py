@@ -139,16 +139,17 @@ def prefill(model, tokens, lengths, rows=None):
         # the first chunk is positions 0..e-1: plain causal attention (no input_pos); later
         # ones attend to the cache through the mask
         pos = None if s == 0 else torch.arange(s, e, device=tokens.device).expand(B, -1)
-        logits = model(tokens[:, s:e], input_pos=pos, cache_rows=rows,
+        logits = model(tokens[:, s:e], input_pos=pos, cache_rows=rows, cache_len=e,
                        logits_at=(last - s).clamp(0, e - s - 1))  # (B, V)
         here = ((last >= s) & (last < e)).to(logits.device)
         out = logits if out is None else torch.where(here[:, None], logits, out)
     return out
 
 
-def decode_one(model, token, input_pos):
-    """token, input_pos (B, 1) -> logits (B, V) for the next token. The compile boundary."""
-    return model(token, input_pos=input_pos)[:, -1]
+def decode_one(model, token, input_pos, cache_len=None):
+    """token, input_pos (B, 1) -> logits (B, V) for the next token. The compile boundary
+    (compiled, without cache_len: the whole cache, fixed shapes)."""
+    return model(token, input_pos=input_pos, cache_len=cache_len)[:, -1]
 
 
 _compiled = {}
@@ -322,7 +323,11 @@ def decode(model, prompts, *, stop_ids, batch_size=16, seeds=None,
             if needed > cache_len:
                 cache_len = min(context, _round_up(needed, CACHE_STEP))
                 model.grow_cache(cache_len)
-            logits = step_fn(model, nxt[:, None].to(device), pos.clamp(max=cache_len - 1)[:, None])
+            # eager: attention reads the cache up to the furthest running row, not all of it
+            # (on a CPU the masked rest costs as much as the rest; transformers' cache is
+            # exactly as long as the context)
+            token, at = nxt[:, None].to(device), pos.clamp(max=cache_len - 1)[:, None]
+            logits = step_fn(model, token, at) if compile else step_fn(model, token, at, needed)
             logits = logits[:, :V]
             pos += 1
             if refill:

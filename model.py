@@ -273,9 +273,10 @@ class KVCache(nn.Module):
         B, T = k.shape[:2]
         index = torch.arange(B, device=k.device) if rows is None else rows
         if input_pos is None:
-            # self.k[index, :, :T] is (B, n_kv_heads, T, head_dim)
-            self.k[index, :, :T] = k.transpose(1, 2).to(self.k.dtype)
-            self.v[index, :, :T] = v.transpose(1, 2).to(self.v.dtype)
+            # (B, n_kv_heads, T, head_dim); rows 0..B-1 as a slice: a copy, not a scatter
+            into = (slice(0, B) if rows is None else rows, slice(None), slice(0, T))
+            self.k[into] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[into] = v.transpose(1, 2).to(self.v.dtype)
         else:
             # self.k[index, :, pos] is (B, T, n_kv_heads, head_dim): the indexed dims come first
             self.k[index[:, None], :, input_pos] = k.to(self.k.dtype)
@@ -309,22 +310,24 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.kv_cache = None
 
-    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None, cache_rows=None):
+    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None, cache_rows=None, cache_len=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
-            out = self._cached_attention(q, k, v, input_pos, cache_rows)
+            out = self._cached_attention(q, k, v, input_pos, cache_rows, cache_len)
         else:
             if self.kv_cache is not None:  # a prefill: the cache's positions 0..T-1, and plain
                 self.kv_cache.update(None, k, v, cache_rows)  # causal attention among them
             out = kernels.attention(q, k, v, cu_seqlens)  # (B, T, n_heads, head_dim)
         return self.wo(out.reshape(B, T, -1))
 
-    def _cached_attention(self, q, k, v, input_pos, cache_rows):
+    def _cached_attention(self, q, k, v, input_pos, cache_rows, cache_len):
         k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, n_kv_heads, S, head_dim)
+        if cache_len is not None:  # no row is past it: the keys beyond are not read at all
+            k, v = k[:, :, :cache_len], v[:, :, :cache_len]
         S = k.shape[2]
         # query at position p sees keys 0..p of its own row: (B, 1, T, S)
         mask = torch.arange(S, device=q.device)[None, None, :] <= input_pos[:, :, None]
@@ -357,9 +360,9 @@ class TransformerBlock(nn.Module):
         # p_l = p_max * l / (L - 1): 0 at the bottom layer, p_max at the top.
         self.resid_dropout = args.resid_dropout * layer_id / max(args.n_layers - 1, 1)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None, cache_rows=None):
+    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None, cache_rows=None, cache_len=None):
         # dropout on each sub-block's output, before it joins the residual stream
-        h = self.attention(self.attention_norm(x), cos, sin, cu_seqlens, input_pos, cache_rows)
+        h = self.attention(self.attention_norm(x), cos, sin, cu_seqlens, input_pos, cache_rows, cache_len)
         x = x + self.dropout(h)
         h = self.feed_forward(self.ffn_norm(x))
         return x + self.dropout(h)
@@ -386,7 +389,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens, targets=None, cu_seqlens=None, input_pos=None, reduction="mean",
-                cache_rows=None, logits_at=None):
+                cache_rows=None, logits_at=None, cache_len=None):
         """tokens (B, T) -> logits (B, T, vocab_size) in fp32; with targets (B, T), the loss
         instead, computed in slices of tokens (chunked_cross_entropy): no logits are returned.
 
@@ -394,7 +397,10 @@ class Transformer(nn.Module):
         input_pos: (B, T) cache slots of these tokens when decoding with `setup_cache`; with a
         cache and no input_pos, the tokens are its positions 0..T-1 (a prefill: plain causal
         attention among them, their keys and values stored). cache_rows: (B,) the cache row
-        each batch row uses (default: row b uses row b).
+        each batch row uses (default: row b uses row b). cache_len: with input_pos, an int
+        above every position in it: attention reads only the cache's first cache_len slots (the
+        caller knows how far its rows have got; default the whole cache, fixed shapes for
+        torch.compile).
         logits_at: (B,) one position per row: only those logits, (B, vocab_size) (a prefill
         needs the last prompt token's; the other positions' would be made and thrown away).
         reduction: "mean" over counted targets, "sum" (train.py divides by the number of
@@ -411,7 +417,7 @@ class Transformer(nn.Module):
         cos, sin = rope_angles(positions, rope_frequencies(self.args, tokens.device))
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, cu_seqlens, input_pos, cache_rows)
+            h = layer(h, cos, sin, cu_seqlens, input_pos, cache_rows, cache_len)
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at.to(h.device)]  # (B, dim)
         if targets is None:

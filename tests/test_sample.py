@@ -129,7 +129,9 @@ def test_cached_logits_equal_full_forward(model, tok):
         for i in range(extra.shape[1]):
             if i == 7:
                 model.grow_cache(T + 40)  # contents survive the growth
-            got.append(generate.decode_one(model, extra[:, i:i + 1], (lengths + i)[:, None]))
+            # odd steps read the cache only up to the furthest row (what eager decoding does)
+            cache_len = int((lengths + i).max()) + 1 if i % 2 else None
+            got.append(generate.decode_one(model, extra[:, i:i + 1], (lengths + i)[:, None], cache_len))
         model.clear_cache()
         for b, seq in enumerate(full):
             want = model(seq[None])[0]  # (len, V), no cache
@@ -314,6 +316,21 @@ def test_prefill_computes_only_the_last_prompt_logits(model, tok, monkeypatch):
         with torch.no_grad():
             for b, p in enumerate(prompts):
                 torch.testing.assert_close(got[b], model(torch.tensor([p]))[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_reads_the_cache_only_up_to_the_furthest_row(model, tok, monkeypatch):
+    prompts = prompts_of(tok, ["tea", "the cat sat on a mat"])
+    read = []  # the keys' length of every cached attention (a decode step: one query per row)
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, *a, **kw: (q.shape[2] == 1 and read.append(k.shape[2])) or real(q, k, *a, **kw))
+    [out] = generate.generate(model, [prompts[1]], stop_ids=(), max_new_tokens=6, **GREEDY)
+    assert generate.CACHE_STEP > len(prompts[1]) + 6  # the cache is longer than what is read
+    per_layer = read[::model.args.n_layers]
+    assert per_layer == list(range(len(prompts[1]) + 1, len(prompts[1]) + 6))
+    read.clear()
+    generate.generate(model, prompts, stop_ids=(), max_new_tokens=3, **GREEDY)
+    assert read[::model.args.n_layers] == [len(prompts[1]) + 1, len(prompts[1]) + 2]  # the longer row
 
 
 def test_cache_is_stored_in_the_layout_attention_reads(model):
