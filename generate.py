@@ -117,7 +117,7 @@ def draw_seeds(generator, n):
 
 # ---- batched generation -----------------------------------------------------------------------
 
-CACHE_STEP = 256  # grow the cache in chunks of this many positions (each growth copies it)
+CACHE_STEP = 64  # the eager KV cache's length: a multiple of this, doubling as it grows
 PREFILL_TOKENS = 1 << 13  # tokens per prefill chunk, all rows together: bounds its activations
 CHECK_EVERY = 8  # decode steps between looks at the new tokens (each a host sync)
 
@@ -232,13 +232,13 @@ def decode(model, prompts, *, stop_ids, batch_size=16, seeds=None,
     model.eval()
     try:
         # Compiled: one fixed-size cache (the full context), reused across calls, so the graph
-        # and its buffers stay put. Eager: a cache as long as the longest row needs so far.
+        # and its buffers stay put. Eager: a cache that grows as the furthest row needs.
         if compile:
             shape = model.cache_shape()
             if shape is None or shape[0] < B or shape[1] != context:
                 model.setup_cache(B, context)
         else:
-            model.setup_cache(B, min(context, _round_up(max(map(len, prompts[:B])), CACHE_STEP)))
+            model.setup_cache(B, cache_length(max(map(len, prompts[:B])), 0, context))
 
         def admit(rows):
             """The next prompts into these idle rows: prefill, fresh penalty and generator."""
@@ -246,7 +246,7 @@ def decode(model, prompts, *, stop_ids, batch_size=16, seeds=None,
             lengths = [len(prompts[i]) for i in idx]
             T = max(lengths)
             if T > model.cache_shape()[1]:
-                model.grow_cache(min(context, _round_up(T, CACHE_STEP)))
+                model.grow_cache(cache_length(T, model.cache_shape()[1], context))
             tokens = torch.tensor([prompts[i] + [prompts[i][-1]] * (T - len(prompts[i])) for i in idx],
                                   device=device)
             r = torch.tensor(rows, device=device)
@@ -319,14 +319,14 @@ def decode(model, prompts, *, stop_ids, batch_size=16, seeds=None,
             # (finished and idle rows keep writing, clamped, into their own row, which nobody reads)
             needed = max((len(prompts[who[b]]) + count[b] - 1 for b in range(B) if not ended[b]),
                          default=0) + 1
-            cache_len = model.cache_shape()[1]
-            if needed > cache_len:
-                cache_len = min(context, _round_up(needed, CACHE_STEP))
-                model.grow_cache(cache_len)
+            allocated = model.cache_shape()[1]
+            if needed > allocated:
+                allocated = cache_length(needed, allocated, context)
+                model.grow_cache(allocated)
             # eager: attention reads the cache up to the furthest running row, not all of it
             # (on a CPU the masked rest costs as much as the rest; transformers' cache is
             # exactly as long as the context)
-            token, at = nxt[:, None].to(device), pos.clamp(max=cache_len - 1)[:, None]
+            token, at = nxt[:, None].to(device), pos.clamp(max=allocated - 1)[:, None]
             logits = step_fn(model, token, at) if compile else step_fn(model, token, at, needed)
             logits = logits[:, :V]
             pos += 1
@@ -357,8 +357,13 @@ def generate(model, prompts, *, stop_ids, generator=None, seeds=None, **kwargs):
     return results
 
 
-def _round_up(n, m):
-    return m * math.ceil(n / m)
+def cache_length(needed, current, context):
+    """The length of an eager KV cache that must hold `needed` positions and now holds
+    `current`: at least double (each growth copies the cache, so the copies add up to less
+    than the final length), no more than the context. Each step reads only the positions in
+    use (cache_len), so the room ahead costs memory, not time; a first cache only as long as
+    the prompts is little memory to clear before the first token."""
+    return min(context, max(CACHE_STEP * math.ceil(needed / CACHE_STEP), 2 * current))
 
 
 # ---- prompts and responses -------------------------------------------------------------------

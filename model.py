@@ -446,8 +446,7 @@ class Transformer(nn.Module):
                                                self.args.head_dim, dtype or w.dtype, w.device)
 
     def grow_cache(self, length):
-        """Longer caches, contents kept (the cached attention reads the whole buffer, so a cache
-        only as long as needed bounds the work)."""
+        """Longer caches, contents kept."""
         for layer in self.layers:
             layer.attention.kv_cache = layer.attention.kv_cache.grown(length)
 

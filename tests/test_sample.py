@@ -333,6 +333,23 @@ def test_decoding_reads_the_cache_only_up_to_the_furthest_row(model, tok, monkey
     assert read[::model.args.n_layers] == [len(prompts[1]) + 1, len(prompts[1]) + 2]  # the longer row
 
 
+def test_the_cache_grows_by_doubling(model, tok, monkeypatch):
+    assert [generate.cache_length(n, c, 300) for n, c in ((10, 0), (65, 64), (300, 128), (257, 256))] == \
+        [64, 128, 300, 300]  # a multiple of CACHE_STEP, at least double, at most the context
+    monkeypatch.setattr(generate, "CACHE_STEP", 4)
+    lengths = []
+    real = model.grow_cache
+    monkeypatch.setattr(model, "grow_cache", lambda n: lengths.append(n) or real(n))
+    [prompt] = prompts_of(tok, ["tea"])
+    [out] = generate.generate(model, [prompt], stop_ids=(), max_new_tokens=60, **GREEDY)
+    n = 4 * -(-len(prompt) // 4)  # the first cache: the prompt, rounded up
+    want = []
+    while n < len(prompt) + 59:  # the last token fed sits at len(prompt) + 58
+        n *= 2
+        want.append(n)
+    assert len(out) == 60 and lengths == want and len(want) <= 4
+
+
 def test_cache_is_stored_in_the_layout_attention_reads(model):
     model.setup_cache(3, 40)
     cache = model.layers[0].attention.kv_cache
