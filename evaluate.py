@@ -267,11 +267,14 @@ def read_previous(path, expect, what):
 def load_judge(cfg):
     """The judge --judge names: a server (openai:MODEL) or a checkpoint."""
     try:
-        return judging.load_judge(cfg.judge, tokenizer=cfg.tokenizer, device=cfg.device, dtype=cfg.dtype,
-                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                  concurrency=cfg.concurrency, retries=cfg.retries, timeout=cfg.timeout)
+        judge = judging.load_judge(cfg.judge, tokenizer=cfg.tokenizer, device=cfg.device, dtype=cfg.dtype,
+                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                   concurrency=cfg.concurrency, retries=cfg.retries, timeout=cfg.timeout)
     except (FileNotFoundError, ValueError) as e:  # checkpoint.py's user-facing messages
         raise EvalError(str(e)) from None
+    if isinstance(judge, judging.ModelJudge):  # a checkpoint, not a server
+        config.set_cpu_threads(judge.model.args.dim, judge.model.output.weight.device)
+    return judge
 
 
 def reply_fields(raw, trimmed):
@@ -541,9 +544,10 @@ def converse(cfg):
     if tokenizer_path is None:
         raise EvalError(f"--checkpoint {cfg.checkpoint}: no tokenizer.model or tokenizer.json in it or its parent")
     try:
-        model, tokenizer, _, _ = devices.load_for_inference(cfg.checkpoint, tokenizer_path, cfg.device, cfg.dtype,
-                                                            cfg.batch_size, Decoding.max_seq_len)
+        model, tokenizer, placed, _ = devices.load_for_inference(cfg.checkpoint, tokenizer_path, cfg.device,
+                                                                 cfg.dtype, cfg.batch_size, Decoding.max_seq_len)
         check_chat_model(model, tokenizer)
+        config.set_cpu_threads(model.args.dim, placed[0])
     except (FileNotFoundError, ValueError) as e:
         raise EvalError(str(e)) from None
     context = min(Decoding.max_seq_len, model.args.max_seq_len)

@@ -5,11 +5,15 @@ that are also compile boundaries).
 
     respond(model, tokenizer, [["How do I brew tea?"]])   # conversations -> response strings
     generate(model, [[1, 523, ...]], stop_ids=(eot,))     # token ids -> new token ids
+    for i, ids in decode(model, prompts, stop_ids=(eot,), batch_size=16, seeds=seeds): ...
+                                                          # many prompts, continuous batching
 
 sample.py, train.py's dev generations and evaluate.py's model judge all decode through here.
 """
 
+import hashlib
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -72,7 +76,9 @@ def sample_next(logits, penalized=None, *, temperature=Decoding.temperature, top
                 repetition_penalty=Decoding.repetition_penalty, generator=None):
     """(B, V) logits -> (B,) next ids. Our order: penalty, then temperature, then top-p (as
     transformers applies them; the paper names the three, not their order).
-    Temperature 0 is greedy (on the penalised logits, as transformers does)."""
+    Temperature 0 is greedy (on the penalised logits, as transformers does).
+    generator: one for the whole batch, or a list of one per row (None for a row whose token
+    nobody reads), so that a row's draws do not depend on the rows beside it."""
     if penalized is not None:
         logits = apply_repetition_penalty(logits, penalized, repetition_penalty)
     if temperature <= 0:
@@ -80,42 +86,70 @@ def sample_next(logits, penalized=None, *, temperature=Decoding.temperature, top
     probs = top_p_filter(logits / temperature, top_p).softmax(dim=-1)
     # argmax(p_i / E_i), E_i ~ Exp(1), picks i with probability p_i (what multinomial does,
     # without its host sync on GPU). The clamp keeps E > 0, so a dropped token (p = 0) scores 0.
-    device = generator.device if generator is not None else probs.device
-    e = torch.empty(probs.shape, device=device).exponential_(generator=generator)
-    e = e.to(probs.device).clamp_min_(torch.finfo(e.dtype).tiny)
+    e = exponential_noise(probs.shape, probs.device, generator).clamp_min_(torch.finfo(probs.dtype).tiny)
     return (probs / e).argmax(dim=-1)
+
+
+def exponential_noise(shape, device, generator):
+    """(B, V) draws of Exp(1) on `device`, from `generator` (on its own device), or row by row
+    from a list of generators."""
+    if not isinstance(generator, (list, tuple)):
+        where = generator.device if generator is not None else device
+        return torch.empty(shape, device=where).exponential_(generator=generator).to(device)
+    rows = [torch.ones(shape[1:], device=device) if g is None else
+            torch.empty(shape[1:], device=g.device).exponential_(generator=g).to(device)
+            for g in generator]
+    return torch.stack(rows)
+
+
+def prompt_seed(seed, index):
+    """The seed of prompt `index`'s own generator in a run seeded with `seed`: its random draws
+    are the same whichever prompts share its batch, in whatever order, and on a resumed run."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: any torch.Generator takes it
+
+
+def draw_seeds(generator, n):
+    """n prompt seeds from a caller's generator (or torch's global one when None)."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(2**62, (n,), generator=generator, device=device).tolist()
 
 
 # ---- batched generation -----------------------------------------------------------------------
 
-CACHE_STEP = 256  # grow the cache in chunks of this many positions (each growth copies it)
-PREFILL_LOGITS = 1 << 27  # at most this many fp32 logits per prefill chunk (512 MB)
+CACHE_STEP = 64  # the eager KV cache's length: a multiple of this, doubling as it grows
+PREFILL_TOKENS = 1 << 13  # tokens per prefill chunk, all rows together: bounds its activations
+CHECK_EVERY = 8  # decode steps between looks at the new tokens (each a host sync)
 
 
-def prefill(model, tokens, lengths):
-    """Right-padded prompts (B, T) -> logits (B, V) after each row's last prompt token.
+def prefill(model, tokens, lengths, rows=None):
+    """Right-padded prompts (B, T) -> logits (B, V) after each row's last prompt token, their
+    keys and values written to cache rows `rows` (B,) (default 0..B-1).
 
     Every row writes positions 0..T-1; a row's padding slots sit past its length, hidden by
-    the mask until its own decoding overwrites them. Chunked along T so that the (B, T, V)
-    logits of a long prompt batch never exist at once (32 x 2048 x 32000 fp32 = 8 GB)."""
+    the mask until its own decoding overwrites them. Only each row's last prompt position goes
+    through the output head (logits_at): the other positions' logits would be thrown away.
+    Chunked along T so that a long prompt batch's activations stay bounded."""
     B, T = tokens.shape
-    chunk = max(1, PREFILL_LOGITS // (B * model.args.vocab_size))
+    chunk = max(1, PREFILL_TOKENS // B)
     last = lengths - 1
-    rows = torch.arange(B, device=tokens.device)
     out = None
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
-        pos = torch.arange(s, e, device=tokens.device).expand(B, -1)
-        logits = model(tokens[:, s:e], input_pos=pos)  # (B, e - s, V)
-        picked = logits[rows, (last - s).clamp(0, e - s - 1)]
-        here = (last >= s) & (last < e)
-        out = picked if out is None else torch.where(here[:, None], picked, out)
+        # the first chunk is positions 0..e-1: plain causal attention (no input_pos); later
+        # ones attend to the cache through the mask
+        pos = None if s == 0 else torch.arange(s, e, device=tokens.device).expand(B, -1)
+        logits = model(tokens[:, s:e], input_pos=pos, cache_rows=rows, cache_len=e,
+                       logits_at=(last - s).clamp(0, e - s - 1))  # (B, V)
+        here = ((last >= s) & (last < e)).to(logits.device)
+        out = logits if out is None else torch.where(here[:, None], logits, out)
     return out
 
 
-def decode_one(model, token, input_pos):
-    """token, input_pos (B, 1) -> logits (B, V) for the next token. The compile boundary."""
-    return model(token, input_pos=input_pos)[:, -1]
+def decode_one(model, token, input_pos, cache_len=None):
+    """token, input_pos (B, 1) -> logits (B, V) for the next token. The compile boundary
+    (compiled, without cache_len: the whole cache, fixed shapes)."""
+    return model(token, input_pos=input_pos, cache_len=cache_len)[:, -1]
 
 
 _compiled = {}
@@ -124,145 +158,212 @@ _compiled = {}
 def compiled_decode_one(device_type):
     if device_type not in _compiled:
         # CUDA graphs (reduce-overhead) remove the per-kernel launch cost that dominates batch-1
-        # decoding; they need the cache buffers to stay put, which generate() ensures
+        # decoding; they need the cache buffers to stay put, which decode() ensures
         mode = "reduce-overhead" if device_type == "cuda" else None
         _compiled[device_type] = torch.compile(decode_one, mode=mode, fullgraph=True)
     return _compiled[device_type]
 
 
+def check_prompts(prompts, context):
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise PromptError(f"prompt {i} is empty (it needs at least BOS)")
+        if len(p) >= context:
+            raise PromptError(f"prompt {i} is {len(p)} tokens; the context holds {context} tokens in "
+                              f"all (prompt + response), leaving no room for a response")
+
+
 # no_grad, not inference_mode: a caller's model may be sharded or hooked in ways that refuse
 # inference tensors (FSDP2 does)
 @torch.no_grad()
-def generate(model, prompts, *, stop_ids, max_new_tokens=Decoding.max_new_tokens,
-             max_seq_len=Decoding.max_seq_len, temperature=Decoding.temperature,
-             top_p=Decoding.top_p, repetition_penalty=Decoding.repetition_penalty,
-             penalize_prompt=Decoding.penalize_prompt, generator=None, on_token=None,
-             progress=None, vocab_size=None, compile=False, keep_cache=False, all_done=None):
-    """Decode a batch of prompts together (LIMA §5).
+def decode(model, prompts, *, stop_ids, batch_size=16, seeds=None,
+           max_new_tokens=Decoding.max_new_tokens, max_seq_len=Decoding.max_seq_len,
+           temperature=Decoding.temperature, top_p=Decoding.top_p,
+           repetition_penalty=Decoding.repetition_penalty, penalize_prompt=Decoding.penalize_prompt,
+           on_token=None, progress=None, vocab_size=None, compile=False, keep_cache=False,
+           all_done=None):
+    """Decode many prompts, batch_size rows at a time, with continuous batching (LIMA §5).
 
-    prompts: token-id lists, BOS included. Returns each prompt's new tokens, without the stop
-    token. Row b stops at its first stop id or when prompt + response reach max_seq_len (and
-    after max_new_tokens). on_token(row, id) sees each kept token as it is made (a host sync
-    per step): for streaming. progress(n) is told, every 8 steps and at the end, how many
-    tokens the responses gained since its last call (their sum is every returned token), at no
-    host sync of its own beyond the one every 8 steps decoding already has.
-    vocab_size: ids at or past it are never sampled (a padded embedding's rows).
-    The model is put in eval mode and given back in the mode it was in; its KV cache is
-    dropped afterwards unless keep_cache (then the next call reuses it when it fits).
-    all_done(done) -> bool decides, from the (B,) bool tensor of finished rows, that decoding
-    may stop; a caller whose every forward is a collective (several processes decoding in
-    lockstep) passes one that agrees across them. Default: every row is finished.
+    Yields (index, new tokens) as each prompt's answer ends, without its stop token: at its
+    first stop id, when prompt + answer reach max_seq_len, or after max_new_tokens. A row whose
+    answer ended takes the next prompt at once (its prefill), so a batch never waits for its
+    longest answer; once no prompt is left, finished rows leave the batch. Rows are looked at
+    every CHECK_EVERY steps (a host sync) and when one's budget ends.
+
+    prompts: token-id lists, BOS included. seeds: one per prompt when sampling (temperature >
+    0; default: drawn from torch's global generator): each prompt draws from its own
+    generator, so its answer does not depend on the others, nor on batch_size (up to the
+    rounding of a batched matmul, which may differ with the batch's size). on_token(index, id) sees each kept token as it is made (a host sync per
+    step): for streaming. progress(n) is told, every 8 steps and at the end, how many tokens
+    the answers gained since its last call. vocab_size: ids at or past it are never sampled (a
+    padded embedding's rows). The model is put in eval mode and given back in the mode it was
+    in; its KV cache is dropped afterwards unless keep_cache (a compiled decode then reuses it
+    when it fits). all_done(done) -> bool decides, from the (B,) bool tensor of finished rows,
+    that decoding may stop; with one (several processes decoding in lockstep, every forward a
+    collective) every prompt gets a row at once and rows stay put: no refills, no leaving.
     """
-    if not prompts:
-        return []
     context = min(max_seq_len, model.args.max_seq_len)
-    lengths = [len(p) for p in prompts]
-    for i, n in enumerate(lengths):
-        if n == 0:
-            raise PromptError(f"prompt {i} is empty (it needs at least BOS)")
-        if n >= context:
-            raise PromptError(f"prompt {i} is {n} tokens; the context holds {context} tokens in "
-                              f"all (prompt + response), leaving no room for a response")
-    budgets = [context - n if max_new_tokens is None else min(max_new_tokens, context - n)
-               for n in lengths]
-    B, T, steps = len(prompts), max(lengths), max(budgets)
-    if steps <= 0:
-        return [[] for _ in prompts]
-    # the last position a row feeds is n + budget - 2 (its final token is never fed back)
-    last_pos = [n + b - 2 for n, b in zip(lengths, budgets)]
-    most = max(T, max(last_pos) + 1)  # cache positions the longest row can need
-
+    check_prompts(prompts, context)
+    if not prompts:
+        return
+    n_prompts = len(prompts)
+    budgets = [context - len(p) if max_new_tokens is None else min(max_new_tokens, context - len(p))
+               for p in prompts]
+    sampled = temperature > 0
+    if sampled and seeds is None:
+        seeds = draw_seeds(None, n_prompts)
+    stops = set(stop_ids)
+    lockstep = all_done is not None
     all_done = all_done or (lambda done: bool(done.all()))
     device = model.tok_embeddings.weight.device
+    out_device = model.output.weight.device  # logits come out here (layers may be spread)
+    V = model.args.vocab_size if vocab_size is None else min(vocab_size, model.args.vocab_size)
     step_fn = compiled_decode_one(device.type) if compile else decode_one
+    B = n_prompts if lockstep else min(batch_size, n_prompts)
+    queue = deque(range(n_prompts))
+    # each row's prompt (None: idle), the tokens it kept, its tokens so far (synced or not),
+    # whether it is finished, and its generator
+    who, kept, count, ended, gens = [None] * B, [[] for _ in range(B)], [0] * B, [True] * B, [None] * B
+    pos = torch.zeros(B, dtype=torch.long, device=device)  # where each row's next token goes
+    logits = torch.zeros(B, V, device=out_device)
+    penalized = None if repetition_penalty == 1.0 else torch.zeros(B, V, dtype=torch.bool, device=out_device)
+
     was_training = model.training
     model.eval()
     try:
         # Compiled: one fixed-size cache (the full context), reused across calls, so the graph
-        # and its buffers stay put. Eager: a cache as long as the longest row needs so far.
+        # and its buffers stay put. Eager: a cache that grows as the furthest row needs.
         if compile:
             shape = model.cache_shape()
             if shape is None or shape[0] < B or shape[1] != context:
                 model.setup_cache(B, context)
         else:
-            model.setup_cache(B, min(most, _round_up(T, CACHE_STEP)))
-        cache_len = model.cache_shape()[1]
+            model.setup_cache(B, cache_length(max(map(len, prompts[:B])), 0, context))
 
-        tokens = torch.tensor([p + [p[-1]] * (T - len(p)) for p in prompts], device=device)
-        lengths_t = torch.tensor(lengths, device=device)
-        logits = prefill(model, tokens, lengths_t)  # (B, V) on the last layer's device
-        out_device = logits.device
-        if vocab_size is not None:
-            logits = logits[:, :vocab_size]
-        V = logits.shape[-1]
-        penalized = None
-        if repetition_penalty != 1.0:
-            penalized = torch.zeros(B, V, dtype=torch.bool, device=out_device)
-            if penalize_prompt:  # transformers' behaviour: the prompt (BOS too) counts; the
-                # padding repeats each row's last token, so it adds nothing
-                penalized.scatter_(1, tokens.to(out_device), True)
-        stops = torch.tensor(sorted(stop_ids), device=out_device, dtype=torch.long)
-        budgets_t = torch.tensor(budgets, device=out_device)
-        stopped = torch.zeros(B, dtype=torch.bool, device=out_device)
-        host_done = [False] * B  # for on_token only
-        new_tokens = []
-        made = torch.zeros((), dtype=torch.long, device=out_device)  # kept tokens so far, for progress
-        reported = 0
+        def admit(rows):
+            """The next prompts into these idle rows: prefill, fresh penalty and generator."""
+            idx = [queue.popleft() for _ in rows]
+            lengths = [len(prompts[i]) for i in idx]
+            T = max(lengths)
+            if T > model.cache_shape()[1]:
+                model.grow_cache(cache_length(T, model.cache_shape()[1], context))
+            tokens = torch.tensor([prompts[i] + [prompts[i][-1]] * (T - len(prompts[i])) for i in idx],
+                                  device=device)
+            r = torch.tensor(rows, device=device)
+            whole = rows == list(range(B))  # every row: the cache's own order, no gather
+            new = prefill(model, tokens, torch.tensor(lengths, device=device), None if whole else r)
+            r_out = r.to(out_device)
+            logits[r_out] = new[:, :V].to(logits.dtype)
+            pos[r] = torch.tensor(lengths, device=device)
+            if penalized is not None:
+                penalized[r_out] = False
+                if penalize_prompt:  # transformers' behaviour: the prompt (BOS too) counts; the
+                    # padding repeats each row's last token, so it adds nothing
+                    penalized[r_out] = penalized[r_out].scatter(1, tokens.to(out_device), True)
+            for b, i in zip(rows, idx):
+                who[b], kept[b], count[b], ended[b] = i, [], 0, False
+                gens[b] = torch.Generator(out_device).manual_seed(seeds[i]) if sampled else None
 
-        for i in range(steps):
+        admit(list(range(B)))
+        step, total, reported, pending = 0, 0, 0, []  # total: tokens kept so far, all prompts
+        while True:
+            refill = []
             nxt = sample_next(logits, penalized, temperature=temperature, top_p=top_p,
-                              repetition_penalty=repetition_penalty, generator=generator)
-            new_tokens.append(nxt)
-            is_stop = torch.isin(nxt, stops)
-            if progress is not None:  # a token is kept while its row runs and is within budget
-                made += (~stopped & ~is_stop & (budgets_t > i)).sum()
-            stopped |= is_stop
-            if on_token is not None:
-                for row, t in enumerate(nxt.tolist()):
-                    if not host_done[row]:
-                        host_done[row] = t in stop_ids or i + 1 >= budgets[row]
-                        if t not in stop_ids:
-                            on_token(row, t)
-            if i + 1 == steps:
-                break
-            # every row stopped or out of budget: done. Ask only every 8 steps (a host sync)
-            if on_token is not None or i % 8 == 7:
-                if progress is not None and i % 8 == 7:
-                    n = int(made)  # decoding waits here for all_done anyway
-                    progress(n - reported)
-                    reported = n
-                if all_done(stopped | (budgets_t <= i + 1)):
-                    break
+                              repetition_penalty=repetition_penalty, generator=gens if sampled else None)
+            pending.append(nxt)
             if penalized is not None:
                 penalized.scatter_(1, nxt[:, None], True)
-            # token i of row b goes to position n_b + i; finished rows keep writing (clamped)
-            # into their own row's slots, which nobody reads
-            needed = max((n + i for n, lp in zip(lengths, last_pos) if n + i <= lp), default=0) + 1
-            if needed > cache_len:
-                cache_len = min(most, _round_up(needed, CACHE_STEP))
-                model.grow_cache(cache_len)
-            pos = (lengths_t + i).clamp(max=cache_len - 1)
-            logits = step_fn(model, nxt[:, None].to(device), pos[:, None])
-            if vocab_size is not None:
-                logits = logits[:, :vocab_size]
-
-        generated = torch.stack(new_tokens, dim=1).tolist()  # (B, steps): the one big sync
+            step += 1
+            for b in range(B):
+                count[b] += 1
+            budget_ends = any(not ended[b] and count[b] >= budgets[who[b]] for b in range(B))
+            if on_token is not None or step % CHECK_EVERY == 0 or budget_ends:
+                # the host sync: the new tokens of every row since the last look
+                for b, new in enumerate(torch.stack(pending, 1).tolist()):
+                    for t in new:
+                        if ended[b]:
+                            break
+                        if t in stops:
+                            ended[b] = True
+                            break
+                        kept[b].append(t)
+                        total += 1
+                        if on_token is not None:
+                            on_token(who[b], t)
+                        ended[b] = len(kept[b]) >= budgets[who[b]]
+                pending = []
+                if progress is not None and step % CHECK_EVERY == 0:
+                    progress(total - reported)
+                    reported = total
+                for b in range(B):
+                    if ended[b] and who[b] is not None:
+                        yield who[b], kept[b]
+                        who[b], kept[b] = None, []
+                if all_done(torch.tensor([w is None for w in who], device=out_device)) and not queue:
+                    break
+                idle = [b for b in range(B) if who[b] is None]
+                if queue:
+                    refill = idle[:len(queue)]  # prefilled after this step's tokens are fed
+                elif idle and not lockstep and not compile:
+                    # no prompt left: finished rows leave the batch (each row is work on a CPU,
+                    # and a long cache's reads on a GPU); a compiled step keeps its shapes
+                    keep = [b for b in range(B) if who[b] is not None]
+                    rows = torch.tensor(keep, device=device)
+                    model.keep_cache_rows(rows)
+                    pos, nxt = pos[rows], nxt[rows.to(nxt.device)]
+                    penalized = None if penalized is None else penalized[rows.to(out_device)]
+                    who, kept, count, ended, gens = ([x[b] for b in keep]
+                                                     for x in (who, kept, count, ended, gens))
+                    B = len(keep)
+            # feed each row's token at its position; the cache grows to what running rows need
+            # (finished and idle rows keep writing, clamped, into their own row, which nobody reads)
+            needed = max((len(prompts[who[b]]) + count[b] - 1 for b in range(B) if not ended[b]),
+                         default=0) + 1
+            allocated = model.cache_shape()[1]
+            if needed > allocated:
+                allocated = cache_length(needed, allocated, context)
+                model.grow_cache(allocated)
+            # eager: attention reads the cache up to the furthest running row, not all of it
+            # (on a CPU the masked rest costs as much as the rest; transformers' cache is
+            # exactly as long as the context)
+            token, at = nxt[:, None].to(device), pos.clamp(max=allocated - 1)[:, None]
+            logits = step_fn(model, token, at) if compile else step_fn(model, token, at, needed)
+            logits = logits[:, :V]
+            pos += 1
+            if refill:
+                admit(refill)
     finally:
         model.train(was_training)
         if not keep_cache:
             model.clear_cache()
-    results = []
-    for row, budget in zip(generated, budgets):
-        row = row[:budget]
-        cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
-        results.append(row[:cut])
-    if progress is not None and sum(map(len, results)) > reported:
-        progress(sum(map(len, results)) - reported)
+    if progress is not None and total > reported:
+        progress(total - reported)
+
+
+def generate(model, prompts, *, stop_ids, generator=None, seeds=None, **kwargs):
+    """Decode a batch of prompts together (LIMA §5): decode() with a row for every prompt.
+
+    Returns each prompt's new tokens, without the stop token. generator: where the prompts'
+    seeds are drawn from when sampling and no seeds are given (torch's global generator when
+    None). kwargs: decode()'s (max_new_tokens, max_seq_len, temperature, top_p,
+    repetition_penalty, penalize_prompt, on_token, progress, vocab_size, compile, keep_cache,
+    all_done)."""
+    if seeds is None and kwargs.get("temperature", Decoding.temperature) > 0:
+        seeds = draw_seeds(generator, len(prompts))
+    results = [None] * len(prompts)
+    for i, tokens in decode(model, prompts, stop_ids=stop_ids, batch_size=max(1, len(prompts)),
+                            seeds=seeds, **kwargs):
+        results[i] = tokens
     return results
 
 
-def _round_up(n, m):
-    return m * math.ceil(n / m)
+def cache_length(needed, current, context):
+    """The length of an eager KV cache that must hold `needed` positions and now holds
+    `current`: at least double (each growth copies the cache, so the copies add up to less
+    than the final length), no more than the context. Each step reads only the positions in
+    use (cache_len), so the room ahead costs memory, not time; a first cache only as long as
+    the prompts is little memory to clear before the first token."""
+    return min(context, max(CACHE_STEP * math.ceil(needed / CACHE_STEP), 2 * current))
 
 
 # ---- prompts and responses -------------------------------------------------------------------
@@ -323,30 +424,38 @@ def check_chat_model(model, tokenizer):
 
 
 def respond(model, tokenizer, conversations, *, raw=False, batch_size=16, generator=None,
-            on_token=None, progress=None, compile=False, keep_cache=False, all_done=None,
-            **decoding):
-    """Conversations (each a list of turns ending on a user turn) -> response strings.
+            seeds=None, on_token=None, progress=None, compile=False, keep_cache=False,
+            all_done=None, **decoding):
+    """Conversations (each a list of turns ending on a user turn) -> response strings, in the
+    input order.
 
     decoding: max_new_tokens, max_seq_len, temperature, top_p, repetition_penalty,
-    penalize_prompt (generate's keywords). Batches of similar prompt length, answers in the
-    input order. on_token(index, id) streams tokens of conversation `index`; progress(n) counts
-    new tokens every few steps (generate's).
+    penalize_prompt (decode's keywords). All conversations go through decode() together,
+    batch_size rows at a time (continuous batching); with all_done (processes decoding in
+    lockstep), fixed batches of batch_size prompts of similar length instead. seeds: one per
+    conversation when sampling (prompt_seed); default: drawn from generator. on_token(index,
+    id) streams tokens of conversation `index`; progress(n) counts new tokens (decode's).
     """
     if not raw:
         check_chat_model(model, tokenizer)
     prompts = [encode_prompt(tokenizer, turns, raw) for turns in conversations]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # less padding
+    if seeds is None and decoding.get("temperature", Decoding.temperature) > 0:
+        seeds = draw_seeds(generator, len(prompts))
+    if all_done is None:
+        batches = [list(range(len(prompts)))]
+    else:
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # less padding
+        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     responses = [None] * len(prompts)
     try:
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            stream = None if on_token is None else (lambda row, t, idx=idx: on_token(idx[row], t))
-            new = generate(model, [prompts[i] for i in idx], stop_ids=stop_ids(tokenizer),
-                           vocab_size=tokenizer.vocab_size, generator=generator,
-                           on_token=stream, progress=progress, compile=compile, keep_cache=True,
-                           all_done=all_done, **decoding)
-            for i, ids in zip(idx, new):
-                responses[i] = tokenizer.decode(ids)
+        for idx in batches:
+            stream = None if on_token is None else (lambda j, t, idx=idx: on_token(idx[j], t))
+            for j, ids in decode(model, [prompts[i] for i in idx], stop_ids=stop_ids(tokenizer),
+                                 batch_size=batch_size,
+                                 seeds=None if seeds is None else [seeds[i] for i in idx],
+                                 vocab_size=tokenizer.vocab_size, on_token=stream, progress=progress,
+                                 compile=compile, keep_cache=True, all_done=all_done, **decoding):
+                responses[idx[j]] = tokenizer.decode(ids)
     finally:
         if not keep_cache:
             model.clear_cache()

@@ -12,7 +12,8 @@ One forward serves three uses:
 - training on a packed batch: tokens (1, T) holding several examples, `cu_seqlens` marks
   where each starts; positions restart and attention stops at every boundary;
 - plain batches (B, T), every row one sequence from position 0;
-- decoding with a KV cache (`setup_cache`, then `input_pos`), as in gpt-fast.
+- decoding with a KV cache (`setup_cache`, then `input_pos`), as in gpt-fast; `cache_rows` when
+  a row of the cache takes a new prompt (continuous batching), `logits_at` for a prefill.
 LIMA's one architectural addition is depth-scaled residual dropout (LIMA §3); its one addition
 to the vocabulary is the end-of-turn token (`add_tokens`, `mean_rows`). With targets, the loss
 is computed over slices of tokens (`chunked_cross_entropy`), so the (tokens, vocab) logits never
@@ -190,7 +191,9 @@ def rope_angles(positions, inv_freq):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each consecutive pair (x[2i], x[2i+1]) by its angle: Meta's convention.
+    """Rotate each consecutive pair (x[2i], x[2i+1]) by its angle: Meta's convention, and Meta's
+    arithmetic: each pair as one complex number, times cos + i sin (one pass over x; pulling the
+    pairs apart and stacking them back costs ~5x more on a CPU, forward and backward).
 
     x: (B, T, n_heads, head_dim); cos, sin: (T, head_dim // 2) or (B, T, head_dim // 2).
     """
@@ -198,8 +201,13 @@ def apply_rope(x, cos, sin):
         cos, sin = cos[None], sin[None]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B or 1, T, 1, head_dim // 2)
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, n_heads, head_dim // 2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    if torch.compiler.is_compiling():
+        # inductor makes no code for complex numbers: the same rotation in real arithmetic,
+        # which it fuses into one kernel
+        x0, x1 = xf[..., 0], xf[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(xf) * torch.complex(cos, sin))
     return out.flatten(-2).type_as(x)
 
 
@@ -244,29 +252,51 @@ class KVCache(nn.Module):
     """Keys and values of every position decoded so far, for one layer; made on demand
     (Transformer.setup_cache), on the device of the layer it serves.
 
+    Stored (B, n_kv_heads, S, head_dim), the layout attention reads: each step's SDPA gets
+    contiguous keys and values, not a transposed view of the whole cache.
     Row b of a batch writes its token at its own position input_pos[b]; a query at position p
     sees the cached keys 0..p of its row. Slots past a row's position may hold stale values
-    from a padded prefill: the mask hides them and later steps overwrite them.
+    from a padded prefill or the row's previous prompt: the mask hides them and later steps
+    overwrite them.
     """
 
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
-        shape = (batch_size, max_seq_len, n_kv_heads, head_dim)
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):
-        # input_pos (B, T); k, v (B, T, n_kv_heads, head_dim)
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[rows, input_pos] = k.to(self.k.dtype)
-        self.v[rows, input_pos] = v.to(self.v.dtype)
-        return self.k[: k.shape[0]], self.v[: k.shape[0]]
+    def update(self, input_pos, k, v, rows=None):
+        """Store k, v (B, T, n_kv_heads, head_dim) at positions input_pos (B, T), or at 0..T-1
+        when it is None (a prefill), in cache rows `rows` (B,) (default 0..B-1). Returns this
+        batch's keys and values, (B, n_kv_heads, S, head_dim) each."""
+        B, T = k.shape[:2]
+        index = torch.arange(B, device=k.device) if rows is None else rows
+        if input_pos is None:
+            # (B, n_kv_heads, T, head_dim); rows 0..B-1 as a slice: a copy, not a scatter
+            into = (slice(0, B) if rows is None else rows, slice(None), slice(0, T))
+            self.k[into] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[into] = v.transpose(1, 2).to(self.v.dtype)
+        else:
+            # self.k[index, :, pos] is (B, T, n_kv_heads, head_dim): the indexed dims come first
+            self.k[index[:, None], :, input_pos] = k.to(self.k.dtype)
+            self.v[index[:, None], :, input_pos] = v.to(self.v.dtype)
+        if rows is None:
+            return self.k[:B], self.v[:B]
+        return self.k[rows], self.v[rows]
 
     def grown(self, length):
         """A longer cache holding the same contents."""
-        B, S, H, D = self.k.shape
+        B, H, S, D = self.k.shape
         new = KVCache(B, length, H, D, self.k.dtype, self.k.device)
-        new.k[:, :S], new.v[:, :S] = self.k, self.v
+        new.k[:, :, :S], new.v[:, :, :S] = self.k, self.v
+        return new
+
+    def select(self, rows):
+        """A cache of only these rows (B',), in this order."""
+        B, H, S, D = self.k.shape
+        new = KVCache(0, S, H, D, self.k.dtype, self.k.device)
+        new.k, new.v = self.k[rows], self.v[rows]
         return new
 
 
@@ -280,28 +310,32 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.kv_cache = None
 
-    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None):
+    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None, cache_rows=None, cache_len=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is None:
-            out = kernels.attention(q, k, v, cu_seqlens)  # (B, T, n_heads, head_dim)
+        if input_pos is not None:
+            out = self._cached_attention(q, k, v, input_pos, cache_rows, cache_len)
         else:
-            out = self._cached_attention(q, k, v, input_pos)
+            if self.kv_cache is not None:  # a prefill: the cache's positions 0..T-1, and plain
+                self.kv_cache.update(None, k, v, cache_rows)  # causal attention among them
+            out = kernels.attention(q, k, v, cu_seqlens)  # (B, T, n_heads, head_dim)
         return self.wo(out.reshape(B, T, -1))
 
-    def _cached_attention(self, q, k, v, input_pos):
-        k, v = self.kv_cache.update(input_pos, k, v)  # (B, S, n_kv_heads, head_dim)
-        S = k.shape[1]
+    def _cached_attention(self, q, k, v, input_pos, cache_rows, cache_len):
+        k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, n_kv_heads, S, head_dim)
+        if cache_len is not None:  # no row is past it: the keys beyond are not read at all
+            k, v = k[:, :, :cache_len], v[:, :, :cache_len]
+        S = k.shape[2]
         # query at position p sees keys 0..p of its own row: (B, 1, T, S)
         mask = torch.arange(S, device=q.device)[None, None, :] <= input_pos[:, :, None]
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T or S, head_dim)
         # enable_gqa: each group of query heads reads its kv head without copying the cache
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None],
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
+                                             attn_mask=mask[:, None],
                                              enable_gqa=self.n_heads != self.n_kv_heads)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)  # (B, T, n_heads, head_dim)
 
 
 class FeedForward(nn.Module):
@@ -326,12 +360,15 @@ class TransformerBlock(nn.Module):
         # p_l = p_max * l / (L - 1): 0 at the bottom layer, p_max at the top.
         self.resid_dropout = args.resid_dropout * layer_id / max(args.n_layers - 1, 1)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None):
+    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None, cache_rows=None, cache_len=None):
         # dropout on each sub-block's output, before it joins the residual stream
-        h = self.attention(self.attention_norm(x), cos, sin, cu_seqlens, input_pos)
-        x = x + F.dropout(h, self.resid_dropout, self.training)
+        h = self.attention(self.attention_norm(x), cos, sin, cu_seqlens, input_pos, cache_rows, cache_len)
+        x = x + self.dropout(h)
         h = self.feed_forward(self.ffn_norm(x))
-        return x + F.dropout(h, self.resid_dropout, self.training)
+        return x + self.dropout(h)
+
+    def dropout(self, h):
+        return F.dropout(h, self.resid_dropout, True) if self.training and self.resid_dropout > 0 else h
 
 
 class Transformer(nn.Module):
@@ -351,12 +388,21 @@ class Transformer(nn.Module):
         if self.args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens, targets=None, cu_seqlens=None, input_pos=None, reduction="mean"):
+    def forward(self, tokens, targets=None, cu_seqlens=None, input_pos=None, reduction="mean",
+                cache_rows=None, logits_at=None, cache_len=None):
         """tokens (B, T) -> logits (B, T, vocab_size) in fp32; with targets (B, T), the loss
         instead, computed in slices of tokens (chunked_cross_entropy): no logits are returned.
 
         cu_seqlens: int32 (n + 1,) boundaries of the examples packed in a (1, T) batch.
-        input_pos: (B, T) cache slots of these tokens when decoding with `setup_cache`.
+        input_pos: (B, T) cache slots of these tokens when decoding with `setup_cache`; with a
+        cache and no input_pos, the tokens are its positions 0..T-1 (a prefill: plain causal
+        attention among them, their keys and values stored). cache_rows: (B,) the cache row
+        each batch row uses (default: row b uses row b). cache_len: with input_pos, an int
+        above every position in it: attention reads only the cache's first cache_len slots (the
+        caller knows how far its rows have got; default the whole cache, fixed shapes for
+        torch.compile).
+        logits_at: (B,) one position per row: only those logits, (B, vocab_size) (a prefill
+        needs the last prompt token's; the other positions' would be made and thrown away).
         reduction: "mean" over counted targets, "sum" (train.py divides by the number of
         supervised tokens in the whole optimizer step), or "none": (B, T) per-token losses,
         0 where the target is IGNORE_INDEX.
@@ -371,16 +417,22 @@ class Transformer(nn.Module):
         cos, sin = rope_angles(positions, rope_frequencies(self.args, tokens.device))
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, cu_seqlens, input_pos)
-        h = self.norm(h)
+            h = layer(h, cos, sin, cu_seqlens, input_pos, cache_rows, cache_len)
+        if logits_at is not None:
+            h = h[torch.arange(B, device=h.device), logits_at.to(h.device)]  # (B, dim)
         if targets is None:
-            return self.output(h).float()
-        losses = chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.reshape(-1))
+            return self.output(self.norm(h)).float()
+        # only the positions with a target reach the output head: the user's turns (LIMA trains
+        # on the responses, §3) would make logits only to mask them out
+        targets = targets.reshape(-1)
+        counted = (targets != IGNORE_INDEX).nonzero()[:, 0]  # (n,)
+        losses = chunked_cross_entropy(self.norm(h.flatten(0, 1)[counted]), self.output.weight,
+                                       targets[counted])  # (n,)
         if reduction == "none":
-            return losses.view(B, T)
+            return losses.new_zeros(B * T).index_put((counted,), losses).view(B, T)
         if reduction == "sum":
             return losses.sum()
-        return losses.sum() / (targets != IGNORE_INDEX).sum()
+        return losses.sum() / counted.numel()
 
     # ---- decoding -------------------------------------------------------------------------
 
@@ -394,15 +446,20 @@ class Transformer(nn.Module):
                                                self.args.head_dim, dtype or w.dtype, w.device)
 
     def grow_cache(self, length):
-        """Longer caches, contents kept (the cached attention reads the whole buffer, so a cache
-        only as long as needed bounds the work)."""
+        """Longer caches, contents kept."""
         for layer in self.layers:
             layer.attention.kv_cache = layer.attention.kv_cache.grown(length)
+
+    def keep_cache_rows(self, rows):
+        """Keep only these rows (B',) of the KV cache, in this order: finished rows drop out."""
+        for layer in self.layers:
+            cache = layer.attention.kv_cache
+            layer.attention.kv_cache = cache.select(rows.to(cache.k.device))
 
     def cache_shape(self):
         """(rows, length) of the current KV cache, or None."""
         cache = self.layers[0].attention.kv_cache
-        return None if cache is None else tuple(cache.k.shape[:2])
+        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
 
     def clear_cache(self):
         for layer in self.layers:

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-import torch
 from tqdm import tqdm
 
 import checkpoint
@@ -34,8 +33,8 @@ import config
 import data
 import devices
 import files
-from generate import (DECODING, Decoding, PromptError, check_chat_model, check_text, encode_prompt,
-                      respond)
+from generate import (DECODING, Decoding, PromptError, check_chat_model, check_text, decode,
+                      encode_prompt, prompt_seed, respond, stop_ids)
 
 # a resumed run may draw new randomness, and read its prompt file from another place (each line
 # of --out is checked against the prompt it answers); nothing else may change
@@ -106,52 +105,57 @@ def remaining(records, out_path, settings):
 
 
 def check_lengths(model, tokenizer, records, todo, raw, max_seq_len):
-    """Prompt lengths in tokens; a prompt that leaves no room for a response is refused before
-    any work, not an hour in."""
-    lengths = {i: len(encode_prompt(tokenizer, records[i]["turns"], raw)) for i in todo}
+    """{index: prompt ids} for the records in todo; a prompt that leaves no room for a response
+    is refused before any work, not an hour in."""
+    prompts = {i: encode_prompt(tokenizer, records[i]["turns"], raw) for i in todo}
     context = min(max_seq_len, model.args.max_seq_len)
     for i in todo:
-        if lengths[i] >= context:
+        if len(prompts[i]) >= context:
             raise PromptError(f"prompt {i + 1} ({records[i]['turns'][-1][:60]!r}...) is "
-                              f"{lengths[i]} tokens; the context holds {context} (prompt + "
+                              f"{len(prompts[i])} tokens; the context holds {context} (prompt + "
                               f"response), leaving no room for a response")
-    return lengths
+    return prompts
 
 
-def answer(model, tokenizer, records, todo, settings, *, batch_size=16, generator=None,
-           compile=False):
-    """Yield (index, response) for the records in todo, a batch at a time, longest prompts
-    first (less padding). The progress bar counts tokens as they are made: its total is the
-    most the prompts left can take (each one's room up to max_new_tokens or the context), and a
-    finished batch gives back the room its responses left unused, so the rate is real tokens
-    per second and the ETA an upper bound that tightens."""
+def answer(model, tokenizer, records, todo, settings, *, batch_size=16, seed=0, compile=False):
+    """Yield (index, response) for the records in todo as each response ends: batch_size rows
+    decode together, and a row whose answer ended takes the next prompt at once (continuous
+    batching, generate.decode), longest prompts first. Prompt i samples from its own generator,
+    seeded from (seed, i): its random draws do not depend on which prompts share its batch, so
+    a resumed run answers it as an uninterrupted one would have. The progress bar counts
+    tokens as they are made: its total is the most the prompts left can take (each one's room
+    up to max_new_tokens or the context), and each finished response gives back the room it
+    left unused, so the rate is real tokens per second and the ETA an upper bound that
+    tightens."""
     raw = settings.get("raw", False)
     decoding = {k: settings[k] for k in DECODING}
-    lengths = check_lengths(model, tokenizer, records, todo, raw, settings["max_seq_len"])
+    prompts = check_lengths(model, tokenizer, records, todo, raw, settings["max_seq_len"])
     context = min(settings["max_seq_len"], model.args.max_seq_len)
     cap = settings.get("max_new_tokens") or context
-    room = {i: min(cap, context - lengths[i]) for i in todo}
-    todo = sorted(todo, key=lambda i: -lengths[i])
+    room = {i: min(cap, context - len(prompts[i])) for i in todo}
+    todo = sorted(todo, key=lambda i: -len(prompts[i]))
     bar = tqdm(total=sum(room.values()), unit="tok", unit_scale=True, file=sys.stderr,
                dynamic_ncols=True, desc=f"answering {len(todo)} prompts")
+    responses = decode(model, [prompts[i] for i in todo], stop_ids=stop_ids(tokenizer),
+                       batch_size=batch_size, seeds=[prompt_seed(seed, i) for i in todo],
+                       vocab_size=tokenizer.vocab_size, progress=bar.update, compile=compile,
+                       keep_cache=True, **decoding)
     try:
-        for s in range(0, len(todo), batch_size):
-            idx = todo[s:s + batch_size]
-            made = bar.n
-            responses = respond(model, tokenizer, [records[i]["turns"] for i in idx], raw=raw,
-                                batch_size=batch_size, generator=generator, compile=compile,
-                                progress=bar.update, keep_cache=True, **decoding)
-            bar.total -= sum(room[i] for i in idx) - (bar.n - made)  # the room left unused
-            bar.set_postfix_str(f"{s + len(idx)}/{len(todo)} prompts", refresh=True)
-            yield from zip(idx, responses)
+        for done, (j, ids) in enumerate(responses, 1):
+            i = todo[j]
+            bar.total -= room[i] - len(ids)  # the room this response left unused
+            bar.set_postfix_str(f"{done}/{len(todo)} prompts", refresh=True)
+            yield i, tokenizer.decode(ids)
     finally:
+        responses.close()
         bar.close()
         model.clear_cache()
 
 
-def generate_file(model, tokenizer, records, out_path, settings, *, batch_size=16,
-                  generator=None, compile=False):
-    """Answer records (from data.read_prompts) into out_path, one data.generation_record each.
+def generate_file(model, tokenizer, records, out_path, settings, *, batch_size=16, seed=0,
+                  compile=False):
+    """Answer records (from data.read_prompts) into out_path, one data.generation_record each,
+    written as each response ends.
 
     Resumable: prompts already answered in out_path are skipped (remaining()). settings:
     decoding keywords plus raw, seed, checkpoint, prompt_file. The caller holds files.lock on
@@ -162,7 +166,7 @@ def generate_file(model, tokenizer, records, out_path, settings, *, batch_size=1
         log(f"{out_path}: {len(records) - len(todo)} of {len(records)} prompts already answered; resuming")
     with data.Appender(out_path) as out:
         for i, response in answer(model, tokenizer, records, todo, settings, batch_size=batch_size,
-                                  generator=generator, compile=compile):
+                                  seed=seed, compile=compile):
             extra = {k: v for k, v in records[i].items() if k != "turns"}
             out.write(data.generation_record(i, records[i]["turns"], response, settings, extra))
     sort_by_index(out_path)
@@ -170,7 +174,7 @@ def generate_file(model, tokenizer, records, out_path, settings, *, batch_size=1
 
 
 def sort_by_index(out_path):
-    """Batches run longest prompt first: put the file back in the prompt file's order (also
+    """Responses are written as they end: put the file back in the prompt file's order (also
     after a run stopped before it could)."""
     rows = [r for _, r in data.read_jsonl(out_path)] if os.path.exists(out_path) else []
     order = sorted(rows, key=lambda r: r["index"])
@@ -183,30 +187,35 @@ def sort_by_index(out_path):
 
 
 class TextStreamer:
-    """Print a response as its tokens arrive. SentencePiece decodes a piece differently at the
-    start of a text (no leading space), so decode the whole response each time and print what
-    is new; hold back a half-made UTF-8 character (byte-fallback pieces)."""
+    """Print a response as its tokens arrive, in time linear in its length. SentencePiece
+    decodes a piece differently at the start of a text (no leading space), so each new token
+    is decoded with a few tokens before it: the text of tokens[start:] minus that of
+    tokens[start:printed] is what is new (the incremental detokenizing of text-generation-
+    inference and vLLM). A half-made UTF-8 character (byte-fallback pieces) is held back until
+    it is whole."""
 
     def __init__(self, tokenizer, file=None):
         self.tokenizer, self.file = tokenizer, file or sys.stdout
-        self.ids, self.printed = [], ""
+        self.ids = []
+        self.start = self.printed = 0  # the window's first token; the tokens already printed
 
     def put(self, token_id):
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            self._emit(text)
+        self._emit(final=False)
 
     def end(self):
-        self._emit(self.tokenizer.decode(self.ids))
+        self._emit(final=True)
         self.file.write("\n")
         self.file.flush()
 
-    def _emit(self, text):
-        if text.startswith(self.printed) and len(text) > len(self.printed):
-            self.file.write(text[len(self.printed):])
+    def _emit(self, final):
+        before = self.tokenizer.decode(self.ids[self.start:self.printed])
+        text = self.tokenizer.decode(self.ids[self.start:])
+        if len(text) > len(before) and (final or not text.endswith("\ufffd")):
+            self.file.write(text[len(before):])
             self.file.flush()
-            self.printed = text
+            # the window moves on: what was printed up to now becomes its leading context
+            self.start, self.printed = self.printed, len(self.ids)
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -224,28 +233,32 @@ def load(cfg):
     rows = cfg.batch_size if cfg.prompt_file else 1
     model, tokenizer, placed, dtype = devices.load_for_inference(
         cfg.checkpoint, tokenizer_path, cfg.device, cfg.dtype, rows, cfg.max_seq_len)
+    threads = config.set_cpu_threads(model.args.dim, placed[0])
     n = model.num_params()
     size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-    log(f"{cfg.checkpoint}: {size} parameters, {dtype}, on {', '.join(placed)}; "
+    on_cpu = f" ({threads} thread{'s' * (threads > 1)}; OMP_NUM_THREADS sets it)" if placed == ["cpu"] else ""
+    log(f"{cfg.checkpoint}: {size} parameters, {dtype}, on {', '.join(placed)}{on_cpu}; "
         f"tokenizer {tokenizer.path}")
     return model, tokenizer
 
 
-def base_continuations(cfg, records, gen):
+def base_continuations(cfg, records, gen, seed):
     """What the base model does with each prompt before any fine-tuning: plain completion of
-    the prompt's text (a conversation shown with its roles, data.render_prompt)."""
+    the prompt's text (a conversation shown with its roles, data.render_prompt). Prompt i
+    samples with prompt_seed(seed, i), as its fine-tuned answer does."""
     base, base_tokenizer = load(replace(cfg, checkpoint=cfg.base, tokenizer=None))
     texts = [[data.render_prompt(r["turns"])] for r in records]
     check_lengths(base, base_tokenizer, [{"turns": t} for t in texts], range(len(texts)), True, cfg.max_seq_len)
-    return respond(base, base_tokenizer, texts, raw=True, batch_size=cfg.batch_size, **gen)
+    return respond(base, base_tokenizer, texts, raw=True, batch_size=cfg.batch_size,
+                   seeds=[prompt_seed(seed, i) for i in range(len(texts))], **gen)
 
 
-def interactive(model, tokenizer, cfg, gen):
+def interactive(model, tokenizer, cfg, gen, seed):
     """Talk to the model. Each exchange is appended in the training format, so turn n sees
     BOS u1 EOT a1 EOT .. u_n EOT (LIMA §3); the oldest exchanges drop out when the
-    conversation outgrows the context."""
+    conversation outgrows the context. Reply k samples with prompt_seed(seed, k)."""
     log("Interactive: type a message (one line). /reset starts over, /exit or Ctrl-D quits.")
-    turns, context = [], min(cfg.max_seq_len, model.args.max_seq_len)
+    turns, context, k = [], min(cfg.max_seq_len, model.args.max_seq_len), 0
     while True:
         print("> ", end="", file=sys.stderr, flush=True)
         try:
@@ -273,8 +286,10 @@ def interactive(model, tokenizer, cfg, gen):
             continue
         streamer = TextStreamer(tokenizer, sys.stdout)
         [reply] = respond(model, tokenizer, [turns], raw=cfg.raw, batch_size=1,
-                          on_token=lambda _, t: streamer.put(t), keep_cache=True, **gen)
+                          seeds=[prompt_seed(seed, k)], on_token=lambda _, t: streamer.put(t),
+                          keep_cache=True, **gen)
         streamer.end()
+        k += 1
         if not cfg.raw:
             turns = turns + [reply]
 
@@ -313,34 +328,32 @@ def run(cfg):
             if not cfg.raw:
                 check_chat_model(model, tokenizer)
             log(f"seed {seed}")
-            generator = torch.Generator(model.output.weight.device).manual_seed(seed)
             n = generate_file(model, tokenizer, records, cfg.out, settings, batch_size=cfg.batch_size,
-                              generator=generator, compile=cfg.compile)
+                              seed=seed, compile=cfg.compile)
         log(f"{cfg.out}: {n} new responses")
         return
     model, tokenizer = load(cfg)
     if not cfg.raw:
         check_chat_model(model, tokenizer)
     log(f"seed {seed}")
-    generator = torch.Generator(model.output.weight.device).manual_seed(seed)
-    gen = dict(decoding, generator=generator, compile=cfg.compile)
+    gen = dict(decoding, compile=cfg.compile)
     if records is not None:  # a quick look: each prompt and its answer, in the file's order
         settings = dict(decoding, raw=cfg.raw)
         responses = dict(answer(model, tokenizer, records, list(range(len(records))), settings,
-                                batch_size=cfg.batch_size, generator=generator, compile=cfg.compile))
-        continuations = base_continuations(cfg, records, gen) if cfg.base else None
+                                batch_size=cfg.batch_size, seed=seed, compile=cfg.compile))
+        continuations = base_continuations(cfg, records, gen, seed) if cfg.base else None
         for i, r in enumerate(records):
             print(f"### {r['turns'][-1]}\n{responses[i]}\n", flush=True)
             if continuations is not None:
                 print(f"--- the base model, continuing the same text:\n{continuations[i]}\n", flush=True)
     elif cfg.interactive:
-        interactive(model, tokenizer, cfg, gen)
+        interactive(model, tokenizer, cfg, gen, seed)
     else:
         check_lengths(model, tokenizer, [{"turns": [cfg.prompt]}], [0], cfg.raw, cfg.max_seq_len)
         streamer = TextStreamer(tokenizer, sys.stdout)
         t0 = time.time()
         respond(model, tokenizer, [[cfg.prompt]], raw=cfg.raw, batch_size=1,
-                on_token=lambda _, t: streamer.put(t), **gen)
+                seeds=[prompt_seed(seed, 0)], on_token=lambda _, t: streamer.put(t), **gen)
         streamer.end()
         log(f"{len(streamer.ids)} tokens in {time.time() - t0:.1f}s")
 

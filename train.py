@@ -458,6 +458,9 @@ def setup(cfg, device, rank, world_size):
     dev_prompts = data.read_prompts(cfg.data_dir, "dev") if has_dev else []
     tokenizer = load_tokenizer(meta["tokenizer"])
     args, add_eot = resolve_model_args(cfg, meta, tokenizer)
+    if device.type == "cpu":
+        threads = config.set_cpu_threads(args.dim, device)
+        log(f"cpu: {threads} torch thread{'s' * (threads > 1)} per process (OMP_NUM_THREADS sets it)")
     identity = rundir.run_identity(cfg, meta, args, device)
     resume_path = os.path.join(cfg.out_dir, distributed.RESUME)
     if cfg.resume:  # before minutes of loading, not after

@@ -20,8 +20,9 @@ in one is reported and the next part still runs), in this order:
                plan, with and without activation checkpointing; --cpu_offload through the first
                gradient clip and optimizer step.
   decoding     the 7B shape (random weights, bf16) at batch 1 against the bandwidth bound, eager
-               and --compile; 64 prompts with LIMA-like answer lengths (an end-of-turn forced at
-               each drawn length, for both) against transformers' generate.
+               and --compile; 64 prompts with LIMA-like answer lengths (each answer's length set
+               by its prompt's last token, bench_decode.forced_answers, for both) against
+               transformers' generate.
 
 Under --out: <part>.log (all a part printed), results.md (every table, with device, date and
 command), results.json (every row). The summary table is printed last. --smoke runs the same
@@ -51,7 +52,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import bench_kernels  # noqa: E402 - beside this script
+import bench_decode  # noqa: E402 - beside this script
+import bench_kernels  # noqa: E402
 import checkpoint  # noqa: E402
 import distributed  # noqa: E402
 import generate  # noqa: E402
@@ -588,56 +590,19 @@ def decode_rate(model, device, new_tokens, compile, repeats):
     return statistics.median(rates), first
 
 
-def forced_eot(lengths, eot):
-    """Ends answer b after exactly lengths[b] tokens: EOT is banned before that and forced
-    there. Returns f(logits (B, V), step) -> logits, used the same way for both decoders."""
-
-    def force(logits, step):
-        L = torch.as_tensor(lengths, device=logits.device)
-        logits = logits.clone()
-        logits[step < L, eot] = float("-inf")
-        at = step == L
-        logits[at] = float("-inf")
-        logits[at, eot] = 0.0
-        return logits
-    return force
-
-
 def ours_batch(model, prompts, lengths, eot, device):
-    """generate.generate on the whole batch, its sampler wrapped to force each row's length."""
-    force = forced_eot(lengths, eot)
-    real, step = generate.sample_next, [0]
-
-    def sample_next(logits, *args, **kwargs):
-        logits = force(logits, step[0])
-        step[0] += 1
-        return real(logits, *args, **kwargs)
-    generate.sample_next = sample_next
-    try:
+    """generate.generate on the whole batch, each answer's length forced by its prompt's last
+    token (bench_decode.forced_answers)."""
+    with bench_decode.forced_answers(model, eot):
         return generate.generate(model, prompts, stop_ids=(eot,), max_new_tokens=max(lengths) + 1,
-                               temperature=0.7, top_p=0.9, repetition_penalty=1.2, penalize_prompt=True,
-                               generator=torch.Generator(device).manual_seed(0))
-    finally:
-        generate.sample_next = real
+                                 temperature=0.7, top_p=0.9, repetition_penalty=1.2, penalize_prompt=True,
+                                 generator=torch.Generator(device).manual_seed(0))
 
 
 def theirs_batch(hf, prompts, lengths, eot, device):
     """transformers' generate, same settings (its penalty covers the prompt: penalize_prompt
-    above), prompts left-padded, the same forced lengths through a logits processor."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-    force = forced_eot(lengths, eot)
-    T = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
-
-    class Force(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            return force(scores, input_ids.shape[1] - T)
-    with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=max(lengths) + 1, do_sample=True,
-                          temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.2,
-                          eos_token_id=eot, pad_token_id=0, logits_processor=LogitsProcessorList([Force()]))
-    return [row[T:].tolist() for row in out]
+    above), prompts left-padded, the same answers forced through a logits processor."""
+    return bench_decode.transformers_batches(hf, prompts, eot, len(prompts), device)
 
 
 def to_hf(model, dtype, device):
@@ -670,21 +635,20 @@ def part_decoding(rec, device, smoke):
     def versus_transformers():
         n, max_answer = (8, 24) if smoke else (64, 512)
         gen = torch.Generator().manual_seed(2)
-        answers = bench_kernels.lima_lengths(n, max_answer, gen)
-        prompt_lens = [max(4, int(x)) for x in bench_kernels.lima_lengths(n, 64 if smoke else 256, gen)]
         vocab = model.args.vocab_size
         eot = vocab - 1
-        prompts = [[1] + torch.randint(3, vocab - 1, (p - 1,), generator=gen).tolist() for p in prompt_lens]
+        prompts, answers = bench_decode.countdown_prompts(n, 64 if smoke else 256, max_answer, vocab, gen)
+        prompt_lens = [len(p) for p in prompts]
         hf = to_hf(model, dtype, device)
         total = sum(answers) + n  # every answer's tokens and its EOT
         for who, fn in (("transformers generate", lambda: theirs_batch(hf, prompts, answers, eot, device)),
                         ("generate", lambda: ours_batch(model, prompts, answers, eot, device))):
-            fn_small = (lambda: theirs_batch(hf, prompts[:2], [2, 3], eot, device)) if who.startswith("tr") \
-                else (lambda: ours_batch(model, prompts[:2], [2, 3], eot, device))
+            short = [p[:-1] + [bench_decode.COUNTDOWN + k] for p, k in zip(prompts[:2], (2, 3))]
+            fn_small = (lambda: theirs_batch(hf, short, [2, 3], eot, device)) if who.startswith("tr") \
+                else (lambda: ours_batch(model, short, [2, 3], eot, device))
             wall(fn_small, device)  # warm up
             seconds, out = wall(fn, device)
-            # ours returns each answer without its EOT; theirs keeps it, then pads
-            got = [r.index(eot) if eot in r else len(r) for r in out]
+            got = [len(r) for r in out]  # each answer without its EOT
             if got != answers:
                 raise RuntimeError(f"{who}: answer lengths {got[:8]}... not the forced {answers[:8]}...")
             times[who] = seconds

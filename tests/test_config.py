@@ -5,6 +5,7 @@ from typing import Optional
 
 import pytest
 
+import config
 from config import parse_config
 
 
@@ -102,3 +103,21 @@ def test_resolve_device_names_a_bad_device():
     assert resolve_device("cpu") == "cpu"
     with pytest.raises(ValueError, match="device 'nope': not a device"):
         resolve_device("nope")
+
+
+def test_cpu_threads_one_for_a_narrow_model_the_cores_for_a_wide_one(monkeypatch):
+    import os
+
+    import torch
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    try:
+        assert config.set_cpu_threads(128, "cpu") == 1  # the demo's width: every op is tiny
+        assert config.set_cpu_threads(4096, "cpu") == 3  # the cores this process may use
+        torch.set_num_threads(2)
+        assert config.set_cpu_threads(128, "cuda:0") == 2  # a GPU run keeps torch's default
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert config.set_cpu_threads(128, "cpu") == 2  # the user's choice wins
+    finally:
+        torch.set_num_threads(before)

@@ -129,7 +129,9 @@ def test_cached_logits_equal_full_forward(model, tok):
         for i in range(extra.shape[1]):
             if i == 7:
                 model.grow_cache(T + 40)  # contents survive the growth
-            got.append(generate.decode_one(model, extra[:, i:i + 1], (lengths + i)[:, None]))
+            # odd steps read the cache only up to the furthest row (what eager decoding does)
+            cache_len = int((lengths + i).max()) + 1 if i % 2 else None
+            got.append(generate.decode_one(model, extra[:, i:i + 1], (lengths + i)[:, None], cache_len))
         model.clear_cache()
         for b, seq in enumerate(full):
             want = model(seq[None])[0]  # (len, V), no cache
@@ -239,6 +241,141 @@ def test_errors_on_empty_and_too_long_prompts(model):
         generate.generate(model, [[]], stop_ids=())
     with pytest.raises(generate.PromptError, match="no room"):
         generate.generate(model, [[1] * 256], stop_ids=())  # debug context is 256
+
+
+# ---- issue 16: continuous batching, the prefill's logits, the cache layout, streaming -------------
+
+def varied_stops(model, tok, prompts, n=24):
+    """Stop tokens that end the greedy answers of these prompts at different lengths, and those
+    answers as each prompt decoded alone gives them."""
+    import collections
+    free = [generate.generate(model, [p], stop_ids=(), max_new_tokens=n, **GREEDY)[0] for p in prompts]
+    counts = collections.Counter(t for f in free for t in f)
+    # tokens only one answer says, each later than the last: answers end at different steps
+    stops = set()
+    for f in free:
+        t = next((t for t in f[2 + 7 * len(stops):] if counts[t] == 1), None)
+        stops |= {t} - {None}
+    alone = [generate.generate(model, [p], stop_ids=stops, max_new_tokens=n, **GREEDY)[0] for p in prompts]
+    return stops, alone
+
+
+def test_continuous_batching_answers_as_each_prompt_alone(model, tok, monkeypatch):
+    texts = ["tea", "the cat sat on a mat while river stones hum", "maps and music", "seven happy robots",
+             "1 2 3 4 5 numbers", "green lamps", "river stones answer questions"]
+    prompts = prompts_of(tok, texts)
+    stops, alone = varied_stops(model, tok, prompts)
+    assert len({len(a) for a in alone}) >= 3  # answers end at different steps
+    admitted = []
+    real = generate.prefill
+    monkeypatch.setattr(generate, "prefill", lambda m, t, *a: admitted.append(len(t)) or real(m, t, *a))
+    for batch_size in (1, 2, 3, 7):
+        admitted.clear()
+        got = dict(generate.decode(model, prompts, stop_ids=stops, batch_size=batch_size,
+                                   max_new_tokens=24, **GREEDY))
+        assert [got[i] for i in range(len(prompts))] == alone
+        assert sum(admitted) == len(prompts) and admitted[0] == batch_size
+        if batch_size == 3:  # rows are refilled as their answers end: more prefills than the
+            assert len(admitted) > 3  # three of fixed batches (3 + 3 + 1)
+
+
+def test_continuous_batching_samples_each_prompt_from_its_own_seed(model, tok):
+    prompts = prompts_of(tok, ["tea", "the cat sat on a mat", "maps", "music and numbers 1 2 3", "robots"])
+    seeds = [generate.prompt_seed(7, i) for i in range(len(prompts))]
+    kw = dict(stop_ids=(tok.eot_id,), max_new_tokens=16, temperature=0.7, top_p=0.9, repetition_penalty=1.2)
+
+    def run(order, batch_size):
+        out = dict(generate.decode(model, [prompts[i] for i in order], seeds=[seeds[i] for i in order],
+                                   batch_size=batch_size, **kw))
+        return [out[order.index(i)] for i in range(len(prompts))]
+    alone = [generate.generate(model, [p], seeds=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+    assert run([0, 1, 2, 3, 4], 2) == alone
+    assert run([4, 2, 0, 3, 1], 3) == alone
+    assert run([1, 0, 2, 3, 4], 5) == alone
+    other = [generate.generate(model, [p], seeds=[generate.prompt_seed(8, i)], **kw)[0]
+             for i, p in enumerate(prompts)]
+    assert other != alone
+
+
+def test_prefill_computes_only_the_last_prompt_logits(model, tok, monkeypatch):
+    prompts = prompts_of(tok, ["the cat sat on a mat while river stones hum", "tea"])
+    lengths = torch.tensor([len(p) for p in prompts])
+    T = int(lengths.max())
+    padded = torch.tensor([p + [p[-1]] * (T - len(p)) for p in prompts])
+    rows = []
+    real = model.output.forward
+    monkeypatch.setattr(model.output, "forward", lambda h: rows.append(h.shape[:-1].numel()) or real(h))
+    for chunk in (T, 5):  # the prompts in one go, and in chunks of 5 positions
+        monkeypatch.setattr(generate, "PREFILL_TOKENS", 2 * chunk)
+        rows.clear()
+        model.setup_cache(2, T)
+        with torch.no_grad():
+            got = generate.prefill(model, padded, lengths)
+        model.clear_cache()
+        assert rows == [2] * -(-T // chunk)  # one position per row reaches the head, in every chunk
+        with torch.no_grad():
+            for b, p in enumerate(prompts):
+                torch.testing.assert_close(got[b], model(torch.tensor([p]))[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_reads_the_cache_only_up_to_the_furthest_row(model, tok, monkeypatch):
+    prompts = prompts_of(tok, ["tea", "the cat sat on a mat"])
+    read = []  # the keys' length of every cached attention (a decode step: one query per row)
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, *a, **kw: (q.shape[2] == 1 and read.append(k.shape[2])) or real(q, k, *a, **kw))
+    [out] = generate.generate(model, [prompts[1]], stop_ids=(), max_new_tokens=6, **GREEDY)
+    assert generate.CACHE_STEP > len(prompts[1]) + 6  # the cache is longer than what is read
+    per_layer = read[::model.args.n_layers]
+    assert per_layer == list(range(len(prompts[1]) + 1, len(prompts[1]) + 6))
+    read.clear()
+    generate.generate(model, prompts, stop_ids=(), max_new_tokens=3, **GREEDY)
+    assert read[::model.args.n_layers] == [len(prompts[1]) + 1, len(prompts[1]) + 2]  # the longer row
+
+
+def test_the_cache_grows_by_doubling(model, tok, monkeypatch):
+    assert [generate.cache_length(n, c, 300) for n, c in ((10, 0), (65, 64), (300, 128), (257, 256))] == \
+        [64, 128, 300, 300]  # a multiple of CACHE_STEP, at least double, at most the context
+    monkeypatch.setattr(generate, "CACHE_STEP", 4)
+    lengths = []
+    real = model.grow_cache
+    monkeypatch.setattr(model, "grow_cache", lambda n: lengths.append(n) or real(n))
+    [prompt] = prompts_of(tok, ["tea"])
+    [out] = generate.generate(model, [prompt], stop_ids=(), max_new_tokens=60, **GREEDY)
+    n = 4 * -(-len(prompt) // 4)  # the first cache: the prompt, rounded up
+    want = []
+    while n < len(prompt) + 59:  # the last token fed sits at len(prompt) + 58
+        n *= 2
+        want.append(n)
+    assert len(out) == 60 and lengths == want and len(want) <= 4
+
+
+def test_cache_is_stored_in_the_layout_attention_reads(model):
+    model.setup_cache(3, 40)
+    cache = model.layers[0].attention.kv_cache
+    args = model.args
+    assert cache.k.shape == (3, args.kv_heads, 40, args.head_dim) and cache.k.is_contiguous()
+    assert model.cache_shape() == (3, 40)
+    model.clear_cache()
+
+
+def test_text_streamer_prints_the_decoded_text_in_linear_time(tok, llama3_tokenizer_files):
+    from tokenizer import load_tokenizer as load
+    g = torch.Generator().manual_seed(0)
+    for t in (tok, load(llama3_tokenizer_files["json"])):
+        text = "Tea: 1 2 3, with Ümlaut and 🍵 emoji.\n\nThe cat sat  on a mat."
+        for ids in (t.encode(text * 3), torch.randint(3, t.n_base, (300,), generator=g).tolist()):
+            decoded = []
+            real = t.decode
+            t.decode = lambda x, real=real: decoded.append(len(x)) or real(x)
+            out = io.StringIO()
+            streamer = sample.TextStreamer(t, out)
+            for i in ids:
+                streamer.put(i)
+            streamer.end()
+            del t.decode
+            assert out.getvalue() == t.decode(ids) + "\n"
+            assert sum(decoded) < 12 * len(ids)  # a window per token, not the whole response
 
 
 # ---- layers on several devices -----------------------------------------------------------------
@@ -616,15 +753,16 @@ def test_cli_ctrl_c_says_what_was_kept_and_how_to_continue(chat_dir, tmp_path, c
     prompts.write_text("tea\nmaps\nthe cat sat\n")
     argv = ["--checkpoint", chat_dir, "--prompt_file", str(prompts), "--out", out,
             "--max_new_tokens", "4", "--batch_size", "1", "--seed", "2"]
-    real, calls = generate.respond, []
+    real, calls = generate.decode, []
 
-    def interrupted_at_the_third(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
+    def interrupted_at_the_third(*a, **kw):  # responses come one by one (continuous batching)
+        for response in real(*a, **kw):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            yield response
 
-    monkeypatch.setattr(sample, "respond", interrupted_at_the_third)
+    monkeypatch.setattr(sample, "decode", interrupted_at_the_third)
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
     err = capsys.readouterr().err
