@@ -4,7 +4,6 @@ real HTTP server on 127.0.0.1, started by the tests, speaking that protocol's JS
 the machine."""
 
 import json
-import os
 import re
 import socket
 import sys
