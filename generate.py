@@ -324,8 +324,8 @@ def decode(model, prompts, *, stop_ids, batch_size=16, seeds=None,
                 allocated = cache_length(needed, allocated, context)
                 model.grow_cache(allocated)
             # eager: attention reads the cache up to the furthest running row, not all of it
-            # (on a CPU the masked rest costs as much as the rest; transformers' cache is
-            # exactly as long as the context)
+            # (masked slots cost SDPA as much as read ones; transformers' cache holds exactly
+            # the tokens so far)
             token, at = nxt[:, None].to(device), pos.clamp(max=allocated - 1)[:, None]
             logits = step_fn(model, token, at) if compile else step_fn(model, token, at, needed)
             logits = logits[:, :V]
