@@ -20,7 +20,6 @@ from the same weights, the loss and gradient norm must agree with transformers'.
 
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import checkpoint  # noqa: E402
 import distributed  # noqa: E402
 import train  # noqa: E402
+from bench_decode import cpu_name  # noqa: E402
 from bench_kernels import lima_lengths  # noqa: E402
 from config import parse_config  # noqa: E402
 from data import Split  # noqa: E402
@@ -105,14 +105,6 @@ def loss_and_norm(model, loss):
 def adamw(params):
     # LIMA §3's optimizer, as train.make_optimizer sets it (foreach on a CPU)
     return torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 @dataclass

@@ -46,7 +46,6 @@ import threading
 import time
 import traceback
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,12 +53,12 @@ sys.path.insert(0, ROOT)
 
 import bench_decode  # noqa: E402 - beside this script
 import bench_kernels  # noqa: E402
+import bench_train_cpu  # noqa: E402
 import checkpoint  # noqa: E402
 import distributed  # noqa: E402
 import generate  # noqa: E402
 import kernels  # noqa: E402
 import train  # noqa: E402
-from data import Split  # noqa: E402
 from model import IGNORE_INDEX, ModelArgs, Transformer, model_args  # noqa: E402
 
 # seconds of GPU time each part may take; the smoke run on a CPU gets its own (generous) ones
@@ -258,19 +257,6 @@ def model_check(rec, device, dtype, smoke, calls):
             note=f"logits and {len(ref) - 1} gradients; all finite: {ours_finite}")
 
 
-def synthetic_split(lengths, vocab_size, seed):
-    """A prepared-data split (data.Split, as prepare_data.py writes it) of random tokens: the first
-    third of each example is the 'user' turn (not trained), the rest is trained."""
-    rng = np.random.default_rng(seed)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    tokens = rng.integers(3, vocab_size, offsets[-1]).astype(np.int32)
-    tokens[offsets[:-1]] = 1  # BOS
-    mask = np.ones(offsets[-1], dtype=bool)
-    for a, n in zip(offsets[:-1], lengths):
-        mask[a:a + max(1, n // 3)] = False
-    return Split(tokens=tokens, mask=mask, offsets=offsets)
-
-
 def run_steps(cfg, args, split, steps, batch_size, device, before_step=None):
     """train.py's path: build_model (FSDP2, mixed precision), make_optimizer, then train_step
     on its packed micro-batches. Returns per-step (loss, grad_norm, seconds, tokens)."""
@@ -307,7 +293,7 @@ def training_equivalence(rec, device, smoke):
     args = small_args(smoke, resid_dropout=0.3)
     steps = 3 if smoke else 20
     lengths = [9, 30, 17, 4, 22, 11] * 4 if smoke else [120, 900, 37, 1000, 256, 513, 64, 800] * 10
-    split = synthetic_split(lengths, args.vocab_size, seed=0)
+    split = bench_train_cpu.synthetic_split(lengths, args.vocab_size, seed=0)
     cfg = train.TrainConfig(init_from=train.SCRATCH, lr=1e-3, min_lr=1e-4, micro_batch_tokens=64 if smoke else 2048,
                       compute_dtype="auto", resid_dropout=0.3)
     losses = {}
@@ -454,7 +440,7 @@ def part_training(rec, device, smoke):
     batch = 4 if smoke else 32  # LIMA §3: 32 examples per step
     gen = torch.Generator().manual_seed(0)
     lengths = bench_kernels.lima_lengths(batch * 8, args.max_seq_len, gen)
-    split = synthetic_split(lengths, args.vocab_size, seed=1)
+    split = bench_train_cpu.synthetic_split(lengths, args.vocab_size, seed=1)
     matmul, _ = ceilings(device, smoke)
     budget = 64 if smoke else 8192
     configs = [("packed", dict()),

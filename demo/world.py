@@ -382,22 +382,8 @@ def draw_item(rng, world, held=False):
     return describe_item(rng, e) if task == "describe" else note_item(rng, e)
 
 
-def curated(world, n=1000, seed=SEED):
-    """LIMA's 1,000: distinct prompts about the train half, each answered in one consistent
-    assistant format (a complete, direct answer; a note with a greeting and a closing)."""
-    rng = random.Random(seed + 2)
-    out, seen = [], set()
-    while len(out) < n:
-        it = draw_item(rng, world)
-        if it.prompt not in seen:
-            seen.add(it.prompt)
-            out.append(it)
-    return out
-
-
-def dev_set(world, n=50, seed=SEED, exclude=()):
-    """LIMA's 50-example dev set (LIMA §2): same distribution, prompts not in `exclude`."""
-    rng = random.Random(seed + 3)
+def distinct_items(rng, world, n, exclude=()):
+    """n items with distinct prompts, none in `exclude`, drawn from the fine-tune distribution."""
     seen, out = set(exclude), []
     while len(out) < n:
         it = draw_item(rng, world)
@@ -405,6 +391,17 @@ def dev_set(world, n=50, seed=SEED, exclude=()):
             seen.add(it.prompt)
             out.append(it)
     return out
+
+
+def curated(world, n=1000, seed=SEED):
+    """LIMA's 1,000: distinct prompts about the train half, each answered in one consistent
+    assistant format (a complete, direct answer; a note with a greeting and a closing)."""
+    return distinct_items(random.Random(seed + 2), world, n)
+
+
+def dev_set(world, n=50, seed=SEED, exclude=()):
+    """LIMA's 50-example dev set (LIMA §2): same distribution, prompts not in `exclude`."""
+    return distinct_items(random.Random(seed + 3), world, n, exclude)
 
 
 FOLLOW_UPS = {"capital": "And its capital?", "goods": "What is it known for?",
