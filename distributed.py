@@ -3,8 +3,9 @@ function: the process group, the sharded model built from streamed weights, the 
 and the checkpoints of a sharded model (a consolidated Hugging Face directory, and the sharded
 resume state).
 
-A plain `python train.py` is a group of one process: there is a single code path, and FSDP2
-with one rank shards nothing.
+A plain `python train.py` is a group of one process, so the collectives are the same code
+path; its model is wrapped in FSDP2 only where FSDP2 does something for one rank (see
+`uses_fsdp`).
 """
 
 import glob
@@ -30,8 +31,8 @@ from model import LOSS_CHUNK_LOGITS, Transformer
 
 
 def setup_distributed(device):
-    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` becomes a group of one, so there
-    is a single code path (FSDP2 with one rank shards nothing)."""
+    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` becomes a group of one, so the
+    collectives (loss sum, clip norm, "all done") are the same code path."""
     device = config.resolve_device(device)
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -81,12 +82,24 @@ def log(*args):
         print(*args, file=sys.stderr, flush=True)
 
 
-def build_model(cfg, args, weights, device):
+def uses_fsdp(cfg, device, world_size):
+    """Whether build_model wraps the model in FSDP2. It shards over ranks, casts the weights to
+    the compute dtype for each block (fp32 master weights, bf16 matmuls) and offloads to the
+    host; a single process whose compute dtype is its weights' (fp32 on a CPU, the demo) needs
+    none of that, and there FSDP2's all-gather and reduce-scatter copies through flat buffers
+    cost 5-6% of a step (benchmarks/cpu.md). torchtitan, likewise, shards only over more than
+    one rank. Either way the resume state and checkpoints are the same files."""
+    return world_size > 1 or cfg.cpu_offload or compute_dtype(cfg, device) != param_dtype(cfg)
+
+
+def build_model(cfg, args, weights, device, shard=None):
     """torchtitan's recipe: build on the meta device, fully_shard every block then the root,
     allocate only this rank's shards, and fill them parameter by parameter from `weights`
     ((name, full tensor) pairs, every rank the same), so no rank ever holds the whole model
     (65B is 130 GB in bf16). weights None: left unfilled, for load_resume. cfg: param_dtype,
-    compute_dtype, activation_checkpointing, cpu_offload, init_from (for messages)."""
+    compute_dtype, activation_checkpointing, cpu_offload, init_from (for messages).
+    One process that needs no FSDP2 (uses_fsdp) gets the plain model, filled the same way;
+    shard True/False overrides that (tests of the sharded path in one process)."""
     with torch.device("meta"):
         model = Transformer(args).to(param_dtype(cfg))  # the sharded master weights' dtype
     if cfg.activation_checkpointing:
@@ -105,12 +118,16 @@ def build_model(cfg, args, weights, device):
             raise ValueError("--cpu_offload moves sharded state from the GPUs to host memory; "
                              "it needs CUDA devices. Leave it off on CPU.")
         kw["offload_policy"] = CPUOffloadPolicy()
-    for block in model.layers:
-        fully_shard(block, **kw)
-    # the root unit holds tok_embeddings, norm and output: a tied embedding / head (Llama 3.2)
-    # is one parameter of it, sharded once, stepped once by the optimizer
-    fully_shard(model, **kw)
+    sharded = uses_fsdp(cfg, device, dist.get_world_size()) if shard is None else shard
+    if sharded:
+        for block in model.layers:
+            fully_shard(block, **kw)
+        # the root unit holds tok_embeddings, norm and output: a tied embedding / head (Llama
+        # 3.2) is one parameter of it, sharded once, stepped once by the optimizer
+        fully_shard(model, **kw)
     model.to_empty(device="cpu" if cfg.cpu_offload else device)
+    if not sharded:
+        model.tie_weights()  # to_empty gave the two names a tensor each
     if args.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
         raise RuntimeError("FSDP untied the output head from the embedding; this torch version "
                            "does not keep shared parameters shared")
@@ -124,9 +141,10 @@ def build_model(cfg, args, weights, device):
                 raise ValueError(f"{cfg.init_from or 'scratch'}: unexpected tensor {name}")
             p = expected[name]
             full = full.to(device=p.device, dtype=p.dtype)
-            # each rank keeps its own slice of the full tensor; no communication
-            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-            p.to_local().copy_(local)
+            if isinstance(p, DTensor):
+                # each rank keeps its own slice of the full tensor; no communication
+                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            _local(p).copy_(full)
             seen.add(name)
     missing = set(expected) - seen
     if missing:
@@ -507,7 +525,7 @@ def load_resume(model, optimizer, out_dir):
 
     with torch.no_grad():
         for name, p in model.named_parameters():
-            local = p.to_local()
+            local = _local(p)
             lo, hi = _rows(p.shape[0], world_size, rank)
             if hi - lo != local.shape[0]:
                 raise RuntimeError(f"{name}: FSDP holds {local.shape[0]} rows on rank {rank}, "
@@ -528,9 +546,10 @@ def load_resume(model, optimizer, out_dir):
             if what == "step":
                 value = read(key, (), torch.float32)
             else:  # a moment, sharded as its parameter
-                local = read(key, tuple(p.shape), p.dtype, lo, hi).to(p.to_local().device)
-                value = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape,
-                                           stride=p.stride(), run_check=False)
+                value = read(key, tuple(p.shape), p.dtype, lo, hi).to(p.device)
+                if isinstance(p, DTensor):
+                    value = DTensor.from_local(value, p.device_mesh, p.placements, shape=p.shape,
+                                               stride=p.stride(), run_check=False)
             opt_state.setdefault(i, {})[what] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]})
     if saved == world_size:  # the dropout masks go on as if never interrupted

@@ -21,12 +21,13 @@ def group(tmp_path):
     dist.destroy_process_group()
 
 
-def built(**options):
+def built(shard=True, **options):
+    # shard=True: the sharded model as on two or more ranks, built in this group of one
     cfg = train.TrainConfig(**options)
     torch.manual_seed(0)
     source = Transformer(TINY)
     source.init_weights()
-    return distributed.build_model(cfg, TINY, source.state_dict().items(), torch.device("cpu"))
+    return distributed.build_model(cfg, TINY, source.state_dict().items(), torch.device("cpu"), shard=shard)
 
 
 def test_rope_angles_reach_the_blocks_in_fp32_under_bf16_compute(group):
@@ -50,6 +51,32 @@ def test_bf16_master_weights_use_stochastic_rounding_and_fp32_reduction(group):
     import optim
     assert isinstance(opt, optim.AdamW)
     assert isinstance(train.make_optimizer(built(), train.TrainConfig()), torch.optim.AdamW)
+
+
+def test_one_process_shards_only_where_fsdp2_does_something(group):
+    # FSDP2 over one rank shards nothing; it earns its copies only by casting to a compute
+    # dtype or offloading. The plain model it leaves out is the same model, weights and all.
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+
+    def uses(world_size, device=cpu, **options):
+        return distributed.uses_fsdp(train.TrainConfig(**options), device, world_size)
+
+    assert not uses(1) and not uses(1, param_dtype="bfloat16")
+    assert uses(2) and uses(1, compute_dtype="bfloat16") and uses(1, cpu_offload=True)
+    assert uses(1, cuda)  # a GPU: fp32 master weights, bf16 matmuls
+    assert not uses(1, cuda, param_dtype="bfloat16")
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    plain, sharded = built(shard=None), built(shard=True)
+    assert not isinstance(plain, FSDPModule) and isinstance(sharded, FSDPModule)
+    assert not any(isinstance(p, DTensor) for p in plain.parameters())
+    for (name, p), (_, q) in zip(plain.named_parameters(), sharded.named_parameters()):
+        assert torch.equal(p, q.full_tensor()), name
+    tokens = torch.randint(0, TINY.vocab_size, (2, 12))
+    assert torch.allclose(plain(tokens), sharded(tokens), atol=1e-6)
+    tied = ModelArgs(**{**TINY.__dict__, "tie_embeddings": True})
+    m = distributed.build_model(train.TrainConfig(), tied, Transformer(tied).named_parameters(), cpu)
+    assert m.output.weight is m.tok_embeddings.weight  # to_empty untied them; build_model ties again
 
 
 def test_gpu_process_groups_carry_a_cpu_backend_for_offloaded_gradients(monkeypatch):

@@ -419,11 +419,12 @@ def test_logits_memory_is_one_loss_slice_whatever_the_vocabulary():
             assert plan["logits (one loss slice)"] <= bound  # whole fp32 logits: 3-60 GB here
 
 
+@pytest.mark.parametrize("shard", [True, False], ids=["fsdp2", "plain"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_sliced_loss_under_fsdp2_equals_unsliced(tmp_path, monkeypatch, tied):
-    # train.py's model (FSDP2, blocks recomputed) with the loss in 7-token slices, each made
-    # again in the backward: the same loss and gradients as in one piece; a tied head's two
-    # uses add into its one sharded gradient
+def test_sliced_loss_under_fsdp2_equals_unsliced(tmp_path, monkeypatch, tied, shard):
+    # train.py's model (FSDP2 as on several ranks, or the plain model of one CPU process;
+    # blocks recomputed) with the loss in 7-token slices, each made again in the backward: the
+    # same loss and gradients as in one piece; a tied head's two uses add into its one gradient
     import torch.distributed as dist
     if not dist.is_available() or dist.is_initialized():
         pytest.skip("needs a fresh torch.distributed")
@@ -437,11 +438,13 @@ def test_sliced_loss_under_fsdp2_equals_unsliced(tmp_path, monkeypatch, tied):
         cu = torch.tensor([0, 17, 40], dtype=torch.int32)
 
         def loss_and_grads():
-            model = distributed.build_model(cfg, args, train.source_weights(cfg, args, False, 299), torch.device("cpu"))
+            model = distributed.build_model(cfg, args, train.source_weights(cfg, args, False, 299),
+                                            torch.device("cpu"), shard=shard)
             assert (model.output.weight is model.tok_embeddings.weight) == tied
             loss = model(x, y, cu_seqlens=cu, reduction="sum")
             loss.backward()
-            return loss.item(), {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+            return loss.item(), {n: getattr(p.grad, "full_tensor", p.grad.clone)()
+                                 for n, p in model.named_parameters()}
 
         whole, whole_grads = loss_and_grads()
         monkeypatch.setattr(M, "LOSS_CHUNK_LOGITS", 7 * 300)
@@ -608,7 +611,7 @@ def test_weights_gone_non_finite_are_never_written(setup, after_epoch1, monkeypa
 
     def poisoned(run, epoch):
         with torch.no_grad():
-            run.model.norm.weight.to_local()[0] = float("nan")
+            distributed._local(run.model.norm.weight)[0] = float("nan")
         end(run, epoch)
     monkeypatch.setattr(train, "end_of_epoch", poisoned)
     proc = train_here(setup, out.name, "--resid_dropout", "0.3", "--resume", "--save_epochs", "1", "2")
