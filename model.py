@@ -243,9 +243,44 @@ def chunked_cross_entropy(h, weight, targets, chunk_logits=None):
 
 
 def _head_losses(h, weight, targets):
-    logits = F.linear(h, weight)  # (n, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16: softmax in fp32
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return _HeadLoss.apply(h, weight, targets)
+
+
+class _HeadLoss(torch.autograd.Function):
+    """One slice's output head and cross-entropy in a single (n, V) fp32 buffer: the logits
+    become exp(logit - max) in place, and in the backward that becomes the logits' gradient
+    in place, softmax - one_hot(target), scaled by each token's incoming gradient. Unfused,
+    the logits, their log-softmax, nll_loss's zero-filled gradient and the log-softmax
+    gradient are four such buffers; on a CPU each is fresh memory the allocator maps and
+    faults in (a LIMA-like step trains 4-8% faster fused, benchmarks/cpu.md). Liger-Kernel's
+    fused linear cross-entropy uses the same in-place softmax gradient on GPUs.
+    h (n, dim), weight (V, dim), targets (n,) -> losses (n,) fp32, 0 where IGNORE_INDEX."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        logits = F.linear(h, weight)  # (n, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16: softmax in fp32
+        valid = targets != IGNORE_INDEX
+        t = torch.where(valid, targets, 0)
+        picked = logits.gather(1, t[:, None])[:, 0]  # the target's logit, before it is overwritten
+        top = logits.amax(1)
+        e = logits.sub_(top[:, None]).exp_()  # (n, V), in the logits' memory
+        total = e.sum(1)
+        ctx.save_for_backward(h, weight, e, total, t, valid)
+        ctx.consumed = False
+        return torch.where(valid, top + total.log() - picked, 0.0)  # logsumexp - target logit
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.consumed:  # the saved buffer became the gradient: a second backward would be wrong
+            raise RuntimeError("the fused loss can be backpropagated once (no retain_graph)")
+        ctx.consumed = True
+        h, weight, e, total, t, valid = ctx.saved_tensors
+        grad = torch.where(valid, grad, 0.0)
+        e.mul_((grad / total)[:, None])  # softmax * grad
+        e.scatter_add_(1, t[:, None], -grad[:, None])  # - one_hot(target) * grad
+        e = e.to(h.dtype)
+        return e @ weight, e.t() @ h, None
 
 
 class KVCache(nn.Module):

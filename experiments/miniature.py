@@ -31,14 +31,18 @@ Writes experiments/results/miniature.md (the tables, with date, machine and comm
 miniature.json (every number) and miniature.png where matplotlib is installed.
 """
 
+import contextlib
 import datetime
+import functools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import random
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
@@ -51,13 +55,15 @@ sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
 import data  # noqa: E402
+import distributed  # noqa: E402
 import files  # noqa: E402
 import prepare_data  # noqa: E402
+import rundir  # noqa: E402
 import stats  # noqa: E402
 import train  # noqa: E402
 from config import parse_config  # noqa: E402
 from demo import world as W  # noqa: E402
-from generate import Decoding, encode_prompt, generate, stop_ids  # noqa: E402
+from generate import Decoding, decode, encode_prompt, prompt_seed, stop_ids  # noqa: E402
 from model import IGNORE_INDEX  # noqa: E402
 
 
@@ -77,7 +83,8 @@ class MiniatureConfig:
     lr_sweep: bool = field(default=False, metadata={"help": "instead: fine-tune on the curated set at each of --sweep_lrs"})
     sweep_lrs: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 3e-4, 1e-3, 3e-3], metadata={"help": "LIMA §3: 1e-5 first"})
     items: int = field(default=0, metadata={"help": "use only the first N held-out prompts of each task (0: all; tests)"})
-    train_only: bool = field(default=False, metadata={"help": "fine-tune, then stop: to share the fine-tunes out among processes (each with its own --sizes, --curated 0 for all but one); a finished fine-tune is reused, so a last plain run evaluates them all"})
+    workers: int = field(default=0, metadata={"help": "processes at once, one torch thread each (0: one per core this process may use)"})
+    train_only: bool = field(default=False, metadata={"help": "fine-tune, then stop (a finished fine-tune is reused: a later run evaluates them)"})
     seed: int = W.SEED
 
 
@@ -96,32 +103,33 @@ def prepare_run(cfg, name, items, dev):
 
 
 def finetune(cfg, name, data_dir, save_epochs, lr=None):
-    """train.py's demo preset (LIMA §3's recipe) from cfg.base on data_dir -> the run directory."""
+    """train.py's demo preset (LIMA §3's recipe) from cfg.base on data_dir -> (the run directory,
+    whether an earlier run had already finished it)."""
+    tcfg = finetune_config(cfg, name, data_dir, save_epochs, lr)
+    if finished(tcfg):
+        return tcfg.out_dir, True
+    train.train(tcfg)
+    return tcfg.out_dir, False
+
+
+def finetune_config(cfg, name, data_dir, save_epochs, lr=None):
     preset = dict(train.PRESETS["demo"])
     lr = lr or cfg.lr or preset["lr"]
-    out = os.path.join(cfg.out_dir, name)
-    tcfg = replace(train.TrainConfig(**preset), init_from=cfg.base, data_dir=data_dir, out_dir=out,
-                   epochs=cfg.epochs, lr=lr, min_lr=lr / 10, save_epochs=save_epochs, seed=cfg.seed)
-    if finished(tcfg):
-        print(f"[{name}] already fine-tuned with this exact config: {out}", file=sys.stderr)
-        REUSED.append(name)
-        return out
-    t0 = time.time()
-    train.train(tcfg)
-    print(f"[{name}] fine-tuned in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-    return out
-
-
-REUSED = []  # fine-tunes this run found finished (see `finished`), named in the results' header
+    return replace(train.TrainConfig(**preset), init_from=cfg.base, data_dir=data_dir,
+                   out_dir=os.path.join(cfg.out_dir, name), epochs=cfg.epochs, lr=lr, min_lr=lr / 10,
+                   save_epochs=save_epochs, seed=cfg.seed)
 
 
 def finished(tcfg):
-    """A run of exactly this config already finished (its config, every dev loss and its last
-    checkpoint are there): an interrupted experiment does not redo it."""
+    """A run of exactly this config on exactly this data already finished (its config, every dev
+    loss and its last checkpoint are there, and the data has not changed since it started): an
+    interrupted experiment does not redo it."""
     try:
         with open(os.path.join(tcfg.out_dir, "train_config.json")) as f:
             same = json.load(f) == json.loads(json.dumps(asdict(tcfg)))
-        return same and len(dev_losses(tcfg.out_dir)) == tcfg.epochs and os.path.isfile(
+        state = distributed.read_state(os.path.join(tcfg.out_dir, "resume")) or {}
+        same_data = state.get("run", {}).get("data_sha256") == rundir.data_sha256(tcfg.data_dir)
+        return same and same_data and len(dev_losses(tcfg.out_dir)) == tcfg.epochs and os.path.isfile(
             os.path.join(tcfg.out_dir, f"epoch_{tcfg.epochs:02d}", "config.json"))
     except (OSError, ValueError):
         return False
@@ -134,26 +142,25 @@ def dev_losses(run_dir):
 
 # ---- answers and grades ------------------------------------------------------------------------
 
-BATCH = 128  # sequences decoded together
+BATCH = 128  # rows decoded together
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts, n, seed, max_new_tokens):
     """Each prompt (token ids) answered n times with the paper's decoding (LIMA §5) ->
-    [[(text, stopped)] * n] per prompt; stopped: it ended with EOT or EOS, not at the cap."""
-    flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
-    flat.sort(key=lambda x: -len(x[1]))  # similar lengths together: less padding
-    generator = torch.Generator().manual_seed(seed)
+    [[(text, stopped)] * n] per prompt; stopped: it ended with EOT or EOS, not at the cap.
+    Continuous batching (generate.decode): a row whose answer ended takes the next prompt, and
+    each answer draws from its own seed, so it is the same whichever process makes it."""
+    flat = [p for p in prompts for _ in range(n)]
+    seeds = [prompt_seed(seed, i) for i in range(len(flat))]
     d = Decoding()
     out = [[] for _ in prompts]
-    for s in range(0, len(flat), BATCH):
-        chunk = flat[s:s + BATCH]
-        new = generate(model, [p for _, p in chunk], stop_ids=stop_ids(tokenizer),
+    done = dict(decode(model, flat, stop_ids=stop_ids(tokenizer), batch_size=BATCH, seeds=seeds,
                        max_new_tokens=max_new_tokens, temperature=d.temperature, top_p=d.top_p,
-                       repetition_penalty=d.repetition_penalty, generator=generator,
-                       vocab_size=min(tokenizer.vocab_size, model.args.vocab_size))
-        for (i, _), ids in zip(chunk, new):
-            out[i].append((tokenizer.decode(ids), len(ids) < max_new_tokens))
+                       repetition_penalty=d.repetition_penalty,
+                       vocab_size=min(tokenizer.vocab_size, model.args.vocab_size)))
+    for i in range(len(flat)):
+        out[i // n].append((tokenizer.decode(done[i]), len(done[i]) < max_new_tokens))
     return out
 
 
@@ -213,18 +220,6 @@ def summarize(graded, seed=0):
         "prompts": len(graded), "answers": int(sum(len(g) for g in graded))}
 
 
-def evaluate_chat(cfg, world, run_dir, epoch, items, n, seed, with_loss=False):
-    """A fine-tuned checkpoint's graded answers to items (and, with_loss, its loss on their
-    reference answers)."""
-    path = os.path.join(run_dir, f"epoch_{epoch:02d}")
-    model, tokenizer = checkpoint.load_model_and_tokenizer(path)
-    model.eval()
-    prompts = [encode_prompt(tokenizer, [it.prompt]) for it in items]
-    answers = sample(model, tokenizer, prompts, n, seed, cfg.max_new_tokens)
-    graded = grade_all(world, items, answers)
-    return (graded, answers, reference_loss(model, tokenizer, items)) if with_loss else (graded, answers)
-
-
 @torch.no_grad()
 def reference_loss(model, tokenizer, items):
     """Mean loss on the reference answers of items (answer tokens and their EOT, as train.py's
@@ -239,42 +234,176 @@ def reference_loss(model, tokenizer, items):
     return total / count
 
 
-# ---- the three findings --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def the_world(seed):
+    return W.make_world(seed)
 
-def held_out(cfg, world):
+
+def item_set(cfg, which):
+    """The prompts a set of answers is for: "held_out" (every held-out prompt), "facts" (the
+    held-out facts) or "train_half" (as many facts of the train half, for contrast)."""
+    world = the_world(cfg.seed)
     items = W.test_items(world, cfg.seed)
     if cfg.items:
         items = [it for task in W.TASK_MIX for it in [x for x in items if x.task == task][:cfg.items]]
-    return items
+    facts = [it for it in items if it.task == "fact"]
+    if which == "held_out":
+        return items
+    if which == "facts":
+        return facts
+    r = random.Random(cfg.seed + 7)
+    return [W.fact_item(r, e, a) for e in world.split(False) for a in e.facts][:len(facts)]
 
 
-def finding_knowledge(cfg, world, curated_run):
+def answers_for(cfg, model_dir, which, n, seed, style=None, with_loss=False):
+    """One set of graded answers (a job for a worker process): model_dir's answers to the
+    `which` prompts, n each -> (per prompt (n, 2) grades, each prompt's first answer, and with
+    with_loss the loss on their reference answers). style: the base model prompted that way
+    (base_prompts); else the chat format of the fine-tuned models."""
+    world, items = the_world(cfg.seed), item_set(cfg, which)
+    model, tokenizer = checkpoint.load_model_and_tokenizer(model_dir)
+    model.eval()
+    if style:
+        prompts = base_prompts(world, items, tokenizer, style, few_shot_prefix(world, cfg.seed))
+        answers = sample(model, tokenizer, [p for p, _ in prompts], n, seed, cfg.max_new_tokens)
+        graded = grade_all(world, items, answers, [c for _, c in prompts])
+    else:
+        prompts = [encode_prompt(tokenizer, [it.prompt]) for it in items]
+        answers = sample(model, tokenizer, prompts, n, seed, cfg.max_new_tokens)
+        graded = grade_all(world, items, answers)
+    loss = reference_loss(model, tokenizer, items) if with_loss else None
+    return graded, [a[0][0] for a in answers], loss
+
+
+# ---- processes: the fine-tunes, then the answers, shared out --------------------------------------
+
+def default_workers():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _in_worker():
+    # one thread per process: this model's ops are microseconds long and a second thread per
+    # process only spins (config.set_cpu_threads); the processes are the parallelism
+    torch.set_num_threads(1)
+
+
+def _logged(log, fn, *args):
+    """fn(*args) with its output in the file `log` (two processes' progress bars interleaved
+    would be unreadable); the parent prints a summary line."""
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return fn(*args)
+
+
+def run_jobs(jobs, workers, what, progress=None, every=60.0):
+    """jobs: name -> (cost, log file, fn, args). Runs fn(*args) for each, `workers` processes
+    at once (one torch thread each), the costliest first so the last ones to finish are short.
+    Prints a line as each job ends and, every `every` seconds, the progress so far with an
+    ETA (progress(name) -> the fraction of a running job done, when it can tell). Returns
+    name -> result."""
+    total = sum(cost for cost, *_ in jobs.values())
+    order = sorted(jobs, key=lambda name: -jobs[name][0])
+    t0 = time.time()
+    results, done_cost = {}, 0.0
+
+    def report(name=None):
+        running = [n for n in order if n not in results]
+        partial = sum(jobs[n][0] * min(1.0, progress(n)) for n in running) if progress else 0.0
+        frac = (done_cost + partial) / max(total, 1e-9)
+        elapsed = time.time() - t0
+        eta = f", ETA {elapsed / frac * (1 - frac) / 60:.1f} min" if 0 < frac < 1 else ""
+        head = f"{name} done; " if name else ""
+        print(f"[{what}] {head}{len(results)}/{len(jobs)} done, {100 * frac:.0f}% of the work, "
+              f"{elapsed / 60:.1f} min{eta}", file=sys.stderr, flush=True)
+
+    if workers <= 1:
+        for name in order:
+            cost, log, fn, args = jobs[name]
+            results[name] = _logged(log, fn, *args)
+            done_cost += cost
+            report(name)
+        return results
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_in_worker) as pool:
+        futures = {pool.submit(_logged, jobs[n][1], jobs[n][2], *jobs[n][3]): n for n in order}
+        pending = set(futures)
+        while pending:
+            finished_now, pending = wait(pending, timeout=every, return_when=FIRST_COMPLETED)
+            if not finished_now:
+                report()
+            for fut in finished_now:
+                name = futures[fut]
+                results[name] = fut.result()  # a job's error stops the experiment, named
+                done_cost += jobs[name][0]
+                report(name)
+    return results
+
+
+def steps_done(run_dir):
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def finetune_all(cfg, sets, workers):
+    """sets: name -> (data_dir, its number of examples, the epochs to save, lr or None). Every fine-tune, in
+    worker processes -> name -> run directory, and the names an earlier run had finished."""
+    steps = {name: cfg.epochs * math.ceil(n / train.PRESETS["demo"]["batch_size"]) for name, (_, n, _, _) in sets.items()}
+    logs = os.path.join(cfg.out_dir, "logs")
+    jobs = {name: (n, os.path.join(logs, f"{name}.log"), finetune, (cfg, name, data_dir, save, lr))
+            for name, (data_dir, n, save, lr) in sets.items()}
+    print(f"fine-tuning {len(jobs)} models, {workers} at a time; their logs: {logs}", file=sys.stderr)
+    done = run_jobs(jobs, workers, "fine-tunes",
+                    progress=lambda name: steps_done(os.path.join(cfg.out_dir, name)) / steps[name])
+    return {name: out for name, (out, _) in done.items()}, [name for name, (_, reused) in done.items() if reused]
+
+
+# ---- the three findings --------------------------------------------------------------------------
+
+STYLES = ("question", "few_shot", "cloze")
+
+
+def answer_all(cfg, runs, workers):
+    """Every set of answers the three findings grade, in worker processes -> name -> result."""
+    curated = runs[f"curated_{cfg.curated}"]
+    last = lambda run: os.path.join(run, f"epoch_{cfg.epochs:02d}")
+    n_facts, n_all = len(item_set(cfg, "facts")), len(item_set(cfg, "held_out"))
+    specs = {}  # name -> (cost: answers to make, args of answers_for)
+    for k, style in enumerate(STYLES):  # finding 1: the base model never stops: a full cost
+        specs[f"base_{style}"] = (2 * n_facts * cfg.samples, (cfg, cfg.base, "facts", cfg.samples, cfg.seed + k, style))
+    specs["finetuned"] = (n_facts * cfg.samples, (cfg, last(curated), "facts", cfg.samples, cfg.seed + 10))
+    specs["finetuned_train_half"] = (n_facts * cfg.samples, (cfg, last(curated), "train_half", cfg.samples, cfg.seed + 11))
+    for k, (name, run) in enumerate(runs.items()):  # finding 2
+        specs[f"quality/{name}"] = (n_all * cfg.samples, (cfg, last(run), "held_out", cfg.samples, cfg.seed + 20 + k))
+    for epoch in range(1, cfg.epochs + 1):  # finding 3
+        specs[f"epoch/{epoch}"] = (n_all * cfg.epoch_samples + n_all, (
+            cfg, os.path.join(curated, f"epoch_{epoch:02d}"), "held_out", cfg.epoch_samples, cfg.seed + 100 + epoch,
+            None, True))
+    logs = os.path.join(cfg.out_dir, "logs")
+    jobs = {name: (cost, os.path.join(logs, f"answers_{name.replace('/', '_')}.log"), answers_for, args)
+            for name, (cost, args) in specs.items()}
+    return run_jobs(jobs, workers, "answers")
+
+
+def finding_knowledge(cfg, answers):
     """Finding 1: held-out facts, base (three prompts) against the fine-tuned model."""
-    facts = [it for it in held_out(cfg, world) if it.task == "fact"]
+    facts = item_set(cfg, "facts")
     rows = {}
-    base, tokenizer = checkpoint.load_model_and_tokenizer(cfg.base)
-    base.eval()
-    prefix = few_shot_prefix(world, cfg.seed)
-    for k, style in enumerate(("question", "few_shot", "cloze")):
-        prompts = base_prompts(world, facts, tokenizer, style, prefix)
-        answers = sample(base, tokenizer, [p for p, _ in prompts], cfg.samples, cfg.seed + k, cfg.max_new_tokens)
-        rows[f"base_{style}"] = summarize(grade_all(world, facts, answers, [c for _, c in prompts]))
-        rows[f"base_{style}"]["example"] = [facts[0].prompt, answers[0][0][0]]
-    graded, answers = evaluate_chat(cfg, world, curated_run, cfg.epochs, facts, cfg.samples, cfg.seed + 10)
-    rows["finetuned"] = summarize(graded) | {"example": [facts[0].prompt, answers[0][0][0]]}
-    r = random.Random(cfg.seed + 7)  # the same kind of questions about the train half, for contrast
-    seen = [W.fact_item(r, e, a) for e in world.split(False) for a in e.facts][:len(facts)]
-    graded, _ = evaluate_chat(cfg, world, curated_run, cfg.epochs, seen, cfg.samples, cfg.seed + 11)
-    rows["finetuned_train_half"] = summarize(graded)
+    for name in [f"base_{style}" for style in STYLES] + ["finetuned"]:
+        graded, first, _ = answers[name]
+        rows[name] = summarize(graded) | {"example": [facts[0].prompt, first[0]]}
+    rows["finetuned_train_half"] = summarize(answers["finetuned_train_half"][0])
     return rows
 
 
-def finding_quality(cfg, world, runs):
+def finding_quality(cfg, runs, answers):
     """Finding 2: helpfulness on every held-out prompt, for each fine-tune set."""
-    items = held_out(cfg, world)
+    items = item_set(cfg, "held_out")
     rows = {}
-    for k, (name, run_dir) in enumerate(runs.items()):
-        graded, answers = evaluate_chat(cfg, world, run_dir, cfg.epochs, items, cfg.samples, cfg.seed + 20 + k)
+    for name, run_dir in runs.items():
+        graded, first, _ = answers[f"quality/{name}"]
         rows[name] = summarize(graded) | {"dev_loss": dev_losses(run_dir)[cfg.epochs]}
         by_task = {}
         for task in W.TASK_MIX:
@@ -282,18 +411,16 @@ def finding_quality(cfg, world, runs):
             if idx:
                 by_task[task] = summarize([graded[i] for i in idx])["helpfulness"]["mean"]
         rows[name]["by_task"] = by_task
-        rows[name]["examples"] = [[items[i].prompt, answers[i][0][0]] for i in range(0, len(items), max(1, len(items) // 6))]
+        rows[name]["examples"] = [[items[i].prompt, first[i]] for i in range(0, len(items), max(1, len(items) // 6))]
     return rows
 
 
-def finding_perplexity(cfg, world, curated_run):
+def finding_perplexity(cfg, curated_run, answers):
     """Finding 3: each epoch's dev perplexity and answer quality."""
-    items = held_out(cfg, world)
     losses = dev_losses(curated_run)
     rows = {}
     for epoch in range(1, cfg.epochs + 1):
-        graded, _, held = evaluate_chat(cfg, world, curated_run, epoch, items, cfg.epoch_samples,
-                                        cfg.seed + 100 + epoch, with_loss=True)
+        graded, _, held = answers[f"epoch/{epoch}"]
         rows[epoch] = summarize(graded) | {"dev_loss": losses[epoch], "dev_perplexity": math.exp(losses[epoch]),
                                            "held_out_perplexity": math.exp(held)}
     return rows
@@ -315,25 +442,26 @@ KNOWLEDGE_ROWS = {
 }
 
 
-def header(cfg, title, command, seconds):
+def header(cfg, title, command, seconds, workers, reused):
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    reused = (f" It reused {len(REUSED)} fine-tunes that earlier runs of the same config had finished "
-              f"({', '.join(REUSED)}); their time is not in that figure." if REUSED else "")
+    reused = (f" It reused {len(reused)} fine-tunes that earlier runs of the same config had finished "
+              f"({', '.join(reused)}); their time is not in that figure." if reused else "")
     return [f"# {title}", "",
-            f"Measured {datetime.date.today().isoformat()} on {cpu} ({os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads), torch {torch.__version__}: `{command}` took "
+            f"Measured {datetime.date.today().isoformat()} on {cpu} ({os.cpu_count()} cores; {workers} "
+            f"processes at a time, one torch thread each), torch {torch.__version__}: `{command}` took "
             f"{seconds / 60:.1f} minutes.{reused}", ""]
 
 
-def markdown(cfg, results, seconds, command):
+def markdown(cfg, results, command):
     k, q, p = results["knowledge"], results["quality"], results["perplexity"]
     n_facts = k["finetuned"]["prompts"]
-    lines = header(cfg, "LIMA's findings in miniature", command, seconds) + [
+    lines = header(cfg, "LIMA's findings in miniature", command, results["seconds"]["all"],
+                   results["workers"], results["reused"]) + [
         f"Base: `demo/base` (pretrained by `demo/pretrain.py`). Fine-tunes: `train.py --preset demo`'s "
         f"recipe (LIMA §3 for smaller models: {cfg.epochs} epochs, batch 64, AdamW 0.9/0.95, wd 0.1, "
         f"lr {results['lr']:g} decaying linearly to a tenth, no warmup, residual dropout 0 to 0.2 over the layers). "
@@ -435,22 +563,25 @@ def picture(path, results):
 
 # ---- main ----------------------------------------------------------------------------------------
 
-def lr_sweep(cfg, world, curated, dev, command):
+def lr_sweep(cfg, curated, dev, command, workers):
     """The curated fine-tune at each learning rate: which one this model size needs."""
     t0 = time.time()
     data_dir = prepare_run(cfg, "curated", curated, dev)
-    items = held_out(cfg, world)
+    sets = {f"sweep_{lr:g}": (data_dir, len(curated), [cfg.epochs], lr) for lr in cfg.sweep_lrs}
+    runs, reused = finetune_all(cfg, sets, workers)
+    jobs = {name: (1, os.path.join(cfg.out_dir, "logs", f"answers_{name}.log"), answers_for,
+                   (cfg, os.path.join(runs[name], f"epoch_{cfg.epochs:02d}"), "held_out", cfg.epoch_samples,
+                    cfg.seed + 200 + k)) for k, name in enumerate(sets)}
+    answers = run_jobs(jobs, workers, "answers")
     rows = {}
-    for k, lr in enumerate(cfg.sweep_lrs):
-        run = finetune(cfg, f"sweep_{lr:g}", data_dir, [cfg.epochs], lr)
-        graded, _ = evaluate_chat(cfg, world, run, cfg.epochs, items, cfg.epoch_samples, cfg.seed + 200 + k)
-        with open(os.path.join(run, "metrics.jsonl")) as f:
+    for lr, name in zip(cfg.sweep_lrs, sets):
+        with open(os.path.join(runs[name], "metrics.jsonl")) as f:
             last = [json.loads(line) for line in f][-1]
-        rows[lr] = summarize(graded) | {"train_loss": last["loss"], "dev_loss": dev_losses(run)[cfg.epochs]}
-    lines = header(cfg, "Fine-tune learning rate for the miniature", command, time.time() - t0) + [
+        rows[lr] = summarize(answers[name][0]) | {"train_loss": last["loss"], "dev_loss": dev_losses(runs[name])[cfg.epochs]}
+    lines = header(cfg, "Fine-tune learning rate for the miniature", command, time.time() - t0, workers, reused) + [
         f"The curated fine-tune ({len(curated):,} examples, {cfg.epochs} epochs, batch 64, linear decay to a tenth, "
         f"residual dropout 0.2) from `demo/base` at each peak learning rate; {cfg.epoch_samples} answers to each of "
-        f"the {len(items)} held-out prompts.", "",
+        f"the {len(item_set(cfg, 'held_out'))} held-out prompts.", "",
         "| lr | last train loss | dev loss | helpfulness, 0-2 | correct, % | on format, % |", "|---|---|---|---|---|---|"]
     for lr, r in rows.items():
         lines.append(f"| {lr:g} | {r['train_loss']:.3f} | {r['dev_loss']:.3f} | {ci(r['helpfulness'], 1, 2)} | "
@@ -466,30 +597,32 @@ def run(cfg, command="python experiments/miniature.py"):
     t0 = time.time()
     if not os.path.isfile(os.path.join(cfg.base, "tokenizer.model")):
         raise SystemExit(f"{cfg.base}: no base model here; run `python demo/pretrain.py` first")
-    world = W.make_world(cfg.seed)
+    workers = cfg.workers or default_workers()
+    world = the_world(cfg.seed)
     curated = W.curated(world, cfg.curated, cfg.seed)
     dev = W.dev_set(world, seed=cfg.seed, exclude={it.prompt for it in curated})
     if cfg.lr_sweep:
-        return lr_sweep(cfg, world, curated, dev, command + " --lr_sweep")
-    runs = {}
+        return lr_sweep(cfg, curated, dev, command, workers)
+    sets = {}  # name -> (prepared data, examples, epochs to save, lr)
     if cfg.curated:
-        runs[f"curated_{cfg.curated}"] = finetune(cfg, "curated", prepare_run(cfg, "curated", curated, dev),
-                                                  list(range(1, cfg.epochs + 1)))
+        sets[f"curated_{cfg.curated}"] = (prepare_run(cfg, "curated", curated, dev), cfg.curated,
+                                          list(range(1, cfg.epochs + 1)), None)
     pool = W.unfiltered(world, max(cfg.sizes, default=0), cfg.seed, exclude={it.prompt for it in dev})
     for n in cfg.sizes:  # nested: the first n of the pool
-        runs[f"unfiltered_{n}"] = finetune(cfg, f"unfiltered_{n}", prepare_run(cfg, f"unfiltered_{n}", pool[:n], dev),
-                                           [cfg.epochs])
+        sets[f"unfiltered_{n}"] = (prepare_run(cfg, f"unfiltered_{n}", pool[:n], dev), n, [cfg.epochs], None)
+    runs, reused = finetune_all(cfg, sets, workers)
     t_train = time.time() - t0
     if cfg.train_only:
         return runs
-    lr = cfg.lr or train.PRESETS["demo"]["lr"]
-    results = {"lr": lr, "knowledge": finding_knowledge(cfg, world, runs[f"curated_{cfg.curated}"]),
-               "quality": finding_quality(cfg, world, runs),
-               "perplexity": finding_perplexity(cfg, world, runs[f"curated_{cfg.curated}"])}
-    seconds = time.time() - t0
-    results["seconds"] = {"fine_tuning": t_train, "all": seconds}
+    answers = answer_all(cfg, runs, workers)
+    curated_run = runs[f"curated_{cfg.curated}"]
+    results = {"lr": cfg.lr or train.PRESETS["demo"]["lr"], "workers": workers, "reused": reused,
+               "knowledge": finding_knowledge(cfg, answers),
+               "quality": finding_quality(cfg, runs, answers),
+               "perplexity": finding_perplexity(cfg, curated_run, answers)}
+    results["seconds"] = {"fine_tuning": t_train, "all": time.time() - t0}
     os.makedirs(cfg.results_dir, exist_ok=True)
-    md = markdown(cfg, results, seconds, command)
+    md = markdown(cfg, results, command)
     files.write_atomic(os.path.join(cfg.results_dir, "miniature.md"), md)
     files.write_json(os.path.join(cfg.results_dir, "miniature.json"), results)
     png = os.path.join(cfg.results_dir, "miniature.png")

@@ -315,6 +315,34 @@ def test_chunked_loss_and_gradients_equal_unchunked():
         assert torch.allclose(ch, gh, rtol=1e-12, atol=1e-14) and torch.allclose(cw, gw, rtol=1e-12, atol=1e-14)
 
 
+def test_fused_head_loss_equals_linear_then_cross_entropy():
+    # the fused slice (the softmax and its gradient in the logits' buffer) against the unfused
+    # ops, with a different incoming gradient per token (reduction="none" callers, masks)
+    torch.manual_seed(1)
+    N, dim, V = 29, 12, 41
+    t = torch.randint(0, V, (N,))
+    t[3::7] = M.IGNORE_INDEX
+    upstream = torch.randn(N, dtype=torch.float64)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        h = torch.randn(N, dim, dtype=torch.float64).to(dtype).requires_grad_()
+        w = torch.randn(V, dim, dtype=torch.float64).to(dtype).requires_grad_()
+        logits = (h.double() @ w.double().T)
+        if dtype == torch.bfloat16:  # the matmul's output is bf16 before the fp32 softmax
+            logits = logits.to(dtype).double()
+        ref = F.cross_entropy(logits, t, ignore_index=M.IGNORE_INDEX, reduction="none")
+        gh, gw = torch.autograd.grad((ref * upstream).sum(), (h, w))
+        losses = M._head_losses(h, w, t)
+        assert losses.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(losses.double(), ref, rtol=tol, atol=tol)
+        assert (losses[3::7] == 0).all()
+        fh, fw = torch.autograd.grad((losses * upstream.to(losses.dtype)).sum(), (h, w), retain_graph=True)
+        assert fh.dtype == dtype and fw.dtype == dtype
+        torch.testing.assert_close(fh.double(), gh.double(), rtol=tol, atol=tol * gh.abs().max().item())
+        torch.testing.assert_close(fw.double(), gw.double(), rtol=tol, atol=tol * gw.abs().max().item())
+        with pytest.raises(RuntimeError, match="once"):  # its buffer is now the gradient
+            torch.autograd.grad(losses.sum(), (h, w))
+
+
 def test_model_loss_is_sliced_and_equals_unsliced(monkeypatch):
     # fp32 model: the per-token losses and every gradient equal the one-slice computation
     args = tiny_args(n_kv_heads=2)
