@@ -236,7 +236,7 @@ def decode(model, prompts, *, stop_ids, batch_size=16, seeds=None,
         if compile:
             shape = model.cache_shape()
             if shape is None or shape[0] < B or shape[1] != context:
-                model.setup_cache(B, context)
+                model.setup_cache(B, context, zeroed=True)
         else:
             model.setup_cache(B, cache_length(max(map(len, prompts[:B])), 0, context))
 

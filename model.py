@@ -252,7 +252,7 @@ class _HeadLoss(torch.autograd.Function):
     in place, softmax - one_hot(target), scaled by each token's incoming gradient. Unfused,
     the logits, their log-softmax, nll_loss's zero-filled gradient and the log-softmax
     gradient are four such buffers; on a CPU each is fresh memory the allocator maps and
-    faults in (a LIMA-like step trains 4-8% faster fused, benchmarks/cpu.md). Liger-Kernel's
+    faults in (a training step of benchmarks/cpu.md's 46M model: 4% faster fused). Liger-Kernel's
     fused linear cross-entropy uses the same in-place softmax gradient on GPUs.
     h (n, dim), weight (V, dim), targets (n,) -> losses (n,) fp32, 0 where IGNORE_INDEX."""
 
@@ -293,13 +293,28 @@ class KVCache(nn.Module):
     sees the cached keys 0..p of its row. Slots past a row's position may hold stale values
     from a padded prefill or the row's previous prompt: the mask hides them and later steps
     overwrite them.
+
+    Allocated empty, not zeroed: a prefill of every row writes its slots 0..T-1 (zeroing them
+    first would double the prefill's memory traffic into the cache, ~1% of the time to the first
+    token at 2,000 tokens on a CPU). Slots not yet written are zeroed before anything reads them
+    (`ready`): a hidden slot holding uninitialised memory could be NaN, and the masked-out
+    weight 0 times NaN is NaN.
     """
 
-    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device, zeroed=False):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        make = torch.zeros if zeroed else torch.empty
+        self.register_buffer("k", make(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", make(shape, dtype=dtype, device=device), persistent=False)
+        self.clean = max_seq_len if zeroed else 0  # slots [0, clean) are written or zeroed in every row
+
+    def ready(self, n):
+        """Slots [0, n) of every row hold finite values (zeroing the ones never written)."""
+        if n > self.clean:
+            self.k[:, :, self.clean:n].zero_()
+            self.v[:, :, self.clean:n].zero_()
+            self.clean = n
 
     def update(self, input_pos, k, v, rows=None):
         """Store k, v (B, T, n_kv_heads, head_dim) at positions input_pos (B, T), or at 0..T-1
@@ -308,10 +323,14 @@ class KVCache(nn.Module):
         B, T = k.shape[:2]
         index = torch.arange(B, device=k.device) if rows is None else rows
         if input_pos is None:
+            every_row = rows is None and B == self.k.shape[0]
+            if not every_row:
+                self.ready(T)  # the other rows' slots below T must not stay uninitialised
             # (B, n_kv_heads, T, head_dim); rows 0..B-1 as a slice: a copy, not a scatter
             into = (slice(0, B) if rows is None else rows, slice(None), slice(0, T))
             self.k[into] = k.transpose(1, 2).to(self.k.dtype)
             self.v[into] = v.transpose(1, 2).to(self.v.dtype)
+            self.clean = max(self.clean, T)
         else:
             # self.k[index, :, pos] is (B, T, n_kv_heads, head_dim): the indexed dims come first
             self.k[index[:, None], :, input_pos] = k.to(self.k.dtype)
@@ -325,13 +344,14 @@ class KVCache(nn.Module):
         B, H, S, D = self.k.shape
         new = KVCache(B, length, H, D, self.k.dtype, self.k.device)
         new.k[:, :, :S], new.v[:, :, :S] = self.k, self.v
+        new.clean = self.clean
         return new
 
     def select(self, rows):
         """A cache of only these rows (B',), in this order."""
         B, H, S, D = self.k.shape
         new = KVCache(0, S, H, D, self.k.dtype, self.k.device)
-        new.k, new.v = self.k[rows], self.v[rows]
+        new.k, new.v, new.clean = self.k[rows], self.v[rows], self.clean
         return new
 
 
@@ -360,6 +380,7 @@ class Attention(nn.Module):
         return self.wo(out.reshape(B, T, -1))
 
     def _cached_attention(self, q, k, v, input_pos, cache_rows, cache_len):
+        self.kv_cache.ready(cache_len or self.kv_cache.k.shape[2])  # what attention reads below
         k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, n_kv_heads, S, head_dim)
         if cache_len is not None:  # no row is past it: the keys beyond are not read at all
             k, v = k[:, :, :cache_len], v[:, :, :cache_len]
@@ -471,14 +492,15 @@ class Transformer(nn.Module):
 
     # ---- decoding -------------------------------------------------------------------------
 
-    def setup_cache(self, batch_size, max_seq_len=None, dtype=None):
+    def setup_cache(self, batch_size, max_seq_len=None, dtype=None, zeroed=False):
         """A KV cache per layer, each on its layer's device (layers may be spread over GPUs),
-        in the weights' dtype unless told otherwise."""
+        in the weights' dtype unless told otherwise. zeroed: all of it now (a compiled decode
+        step reads the whole cache, and its graph should not see it change)."""
         max_seq_len = max_seq_len or self.args.max_seq_len
         for layer in self.layers:
             w = layer.attention.wk.weight
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.args.kv_heads,
-                                               self.args.head_dim, dtype or w.dtype, w.device)
+                                               self.args.head_dim, dtype or w.dtype, w.device, zeroed)
 
     def grow_cache(self, length):
         """Longer caches, contents kept."""

@@ -297,6 +297,43 @@ def test_continuous_batching_samples_each_prompt_from_its_own_seed(model, tok):
     assert other != alone
 
 
+def test_uninitialised_cache_memory_is_never_read(model, tok, monkeypatch):
+    # the KV cache is allocated empty, not zeroed: fill its unwritten slots with NaN, as reused
+    # memory may hold, and decode as above (ragged prefills, a grown cache, rows refilled and
+    # dropped). Every slot attention reads must have been written or zeroed first: a hidden
+    # slot's NaN would come through the mask (its weight 0 times NaN).
+    import model as M
+    init = M.KVCache.__init__
+
+    def poisoned(self, *args, **kw):
+        init(self, *args, **kw)
+        self.k[:, :, self.clean:] = float("nan")
+        self.v[:, :, self.clean:] = float("nan")
+    monkeypatch.setattr(M.KVCache, "__init__", poisoned)
+    test_cached_logits_equal_full_forward(model, tok)
+    test_continuous_batching_answers_as_each_prompt_alone(model, tok, monkeypatch)
+    # a row refilled with a prompt longer than any slot read so far, beside a row still decoding
+    short, other, long = prompts_of(tok, ["tea", "green lamps", "the cat sat on a mat while river stones hum"])
+    extra = torch.randint(3, 300, (4,)).tolist()
+    with torch.no_grad():
+        model.setup_cache(2, 64)
+        lengths = torch.tensor([len(short), len(other)])
+        T = int(lengths.max())
+        padded = torch.tensor([short + [short[-1]] * (T - len(short)), other])
+        generate.prefill(model, padded, lengths)
+        pos = lengths.clone()
+        for t in extra[:2]:  # both rows decode two tokens
+            generate.decode_one(model, torch.tensor([[t], [t]]), pos[:, None], int(pos.max()) + 1)
+            pos += 1
+        assert len(long) > int(pos.max()) + 1
+        generate.prefill(model, torch.tensor([long]), torch.tensor([len(long)]), torch.tensor([0]))
+        pos[0] = len(long)
+        got = generate.decode_one(model, torch.tensor([[extra[2]], [extra[2]]]), pos[:, None], int(pos.max()) + 1)
+        model.clear_cache()
+        want = model(torch.tensor([other + extra[:3]]))[0, -1]
+    torch.testing.assert_close(got[1], want, atol=1e-4, rtol=1e-4)
+
+
 def test_prefill_computes_only_the_last_prompt_logits(model, tok, monkeypatch):
     prompts = prompts_of(tok, ["the cat sat on a mat while river stones hum", "tea"])
     lengths = torch.tensor([len(p) for p in prompts])
