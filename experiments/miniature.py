@@ -322,7 +322,7 @@ def run_jobs(jobs, workers, what, progress=None, every=60.0):
             results[name] = _logged(log, fn, *args)
             done_cost += cost
             report(name)
-        return results
+        return {name: results[name] for name in jobs}
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_in_worker) as pool:
         futures = {pool.submit(_logged, jobs[n][1], jobs[n][2], *jobs[n][3]): n for n in order}
@@ -336,7 +336,7 @@ def run_jobs(jobs, workers, what, progress=None, every=60.0):
                 results[name] = fut.result()  # a job's error stops the experiment, named
                 done_cost += jobs[name][0]
                 report(name)
-    return results
+    return {name: results[name] for name in jobs}  # in the order given
 
 
 def steps_done(run_dir):
