@@ -1,6 +1,6 @@
 """Pretrains the miniature's base model, demo/base/, from nothing: the stand-in for LLaMA.
 
-    python demo/pretrain.py            # ~10 minutes on a CPU core; rewrites demo/base/
+    python demo/pretrain.py            # ~8 minutes on a CPU core; rewrites demo/base/
 
 LIMA fine-tunes a *pretrained* model (LIMA §2-§3); its point is that the knowledge is already
 there. So the demo starts from a base that has read about an invented world (demo/world.py):
@@ -20,9 +20,10 @@ Reproducible: the corpus and the tokenizer come out byte for byte the same, and 
 seeded and runs on one thread (--threads 1, how demo/base was made), so on the same kind of CPU
 the weights come out bit for bit the same. Another CPU (other vector instructions) or more
 threads add the matrix products' terms in another order: the weights then differ in their last
-bits, and the fine-tunes' numbers by a little. Checked 2026-11-30: a second run (into other
-directories) wrote the same model.safetensors and tokenizer.model, sha256 83317fad... and
-c57378d1...; only lima.json differs, in the directories it records.
+bits, and the fine-tunes' numbers by a little. So does a change to how train.py computes a
+step: demo/base was remade on 2026-11-30 after the loss was fused (model._HeadLoss), which
+rounds differently from the unfused loss the first base was made with (git history has both).
+demo/base/model.safetensors: sha256 0ff65fbf...; tokenizer.model: c57378d1...
 """
 
 import io
