@@ -141,7 +141,7 @@ def main(argv=None):
     model = Transformer(args)
     model.init_weights()
     cfg = train.TrainConfig(lr=1e-5, resid_dropout=0.0, micro_batch_tokens=1 << 20, device="cpu")
-    distributed.setup_distributed("cpu")  # train.py's path: FSDP2 over a group of one
+    distributed.setup_distributed("cpu")  # train.py's path: a group of one, the plain model (uses_fsdp)
     tmp = tempfile.TemporaryDirectory()
     checkpoint.save_model(model, f"{tmp.name}/hf")
 

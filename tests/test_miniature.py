@@ -248,3 +248,19 @@ def test_experiment_end_to_end_tiny(tmp_path):
     for block in results["quality"].values():
         lo, hi = block["helpfulness"]["ci"]
         assert 0 <= lo <= block["helpfulness"]["mean"] <= hi <= 2
+    # run again: every fine-tune is reused (same config, same data), and every answer is the
+    # same, whichever worker process made it (each answer samples from its own seed)
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "miniature.py"), *args, "--workers", "1"],
+                           capture_output=True, text=True, env=ENV, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "It reused 3 fine-tunes" in (tmp_path / "res" / "miniature.md").read_text()
+    with open(tmp_path / "res" / "miniature.json") as f:
+        second = json.load(f)
+    for key in ("knowledge", "quality", "perplexity"):
+        assert second[key] == results[key], key
+    # the learning-rate sweep on the same prepared data
+    sweep = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "miniature.py"), *args,
+                            "--lr_sweep", "--sweep_lrs", "1e-4", "3e-4"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    table = (tmp_path / "res" / "lr_sweep.md").read_text()
+    assert "| 0.0001 |" in table and "| 0.0003 |" in table
