@@ -365,33 +365,51 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.kv_cache = None
 
-    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None, cache_rows=None, cache_len=None):
+    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None, cache_rows=None, cache_len=None,
+                keep=None):
+        """keep: (B,) one position per row (the model's last layer in a prefill): keys and values
+        for every position, into the cache, but the query, and so the output (B, 1, dim), only
+        at that position."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = apply_rope(k, cos, sin)
+        q_pos = input_pos if input_pos is not None else torch.arange(T, device=x.device).expand(B, T)
+        if keep is not None:
+            rows = torch.arange(B, device=x.device)
+            x, q_pos = x[rows, keep][:, None], q_pos[rows, keep][:, None]  # (B, 1, dim), (B, 1)
+            pick = (lambda t: t[keep][:, None]) if cos.dim() == 2 else (lambda t: t[rows, keep][:, None])
+            cos, sin = pick(cos), pick(sin)  # (B, 1, head_dim // 2)
+        q = apply_rope(self.wq(x).view(B, x.shape[1], self.n_heads, self.head_dim), cos, sin)
         if input_pos is not None:
-            out = self._cached_attention(q, k, v, input_pos, cache_rows, cache_len)
+            out = self._cached_attention(q, k, v, input_pos, cache_rows, cache_len, q_pos)
         else:
             if self.kv_cache is not None:  # a prefill: the cache's positions 0..T-1, and plain
                 self.kv_cache.update(None, k, v, cache_rows)  # causal attention among them
-            out = kernels.attention(q, k, v, cu_seqlens)  # (B, T, n_heads, head_dim)
-        return self.wo(out.reshape(B, T, -1))
+            if keep is None:
+                out = kernels.attention(q, k, v, cu_seqlens)  # (B, T, n_heads, head_dim)
+            else:  # one query a row, at its own position among these keys
+                out = self._masked_attention(q, k.transpose(1, 2), v.transpose(1, 2), q_pos)
+        return self.wo(out.flatten(2))
 
-    def _cached_attention(self, q, k, v, input_pos, cache_rows, cache_len):
+    def _cached_attention(self, q, k, v, input_pos, cache_rows, cache_len, q_pos):
         self.kv_cache.ready(cache_len or self.kv_cache.k.shape[2])  # what attention reads below
         k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, n_kv_heads, S, head_dim)
         if cache_len is not None:  # no row is past it: the keys beyond are not read at all
             k, v = k[:, :, :cache_len], v[:, :, :cache_len]
+        return self._masked_attention(q, k, v, q_pos)
+
+    def _masked_attention(self, q, k, v, q_pos):
+        """q (B, Tq, n_heads, head_dim) at positions q_pos (B, Tq); k, v (B, n_kv_heads, S,
+        head_dim) at positions 0..S-1 -> (B, Tq, n_heads, head_dim)."""
         S = k.shape[2]
-        # query at position p sees keys 0..p of its own row: (B, 1, T, S)
-        mask = torch.arange(S, device=q.device)[None, None, :] <= input_pos[:, :, None]
+        # query at position p sees keys 0..p of its own row: (B, Tq, S)
+        mask = torch.arange(S, device=q.device)[None, None, :] <= q_pos[:, :, None]
         # enable_gqa: each group of query heads reads its kv head without copying the cache
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
                                              attn_mask=mask[:, None],
                                              enable_gqa=self.n_heads != self.n_kv_heads)
-        return out.transpose(1, 2)  # (B, T, n_heads, head_dim)
+        return out.transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -416,9 +434,12 @@ class TransformerBlock(nn.Module):
         # p_l = p_max * l / (L - 1): 0 at the bottom layer, p_max at the top.
         self.resid_dropout = args.resid_dropout * layer_id / max(args.n_layers - 1, 1)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None, cache_rows=None, cache_len=None):
+    def forward(self, x, cos, sin, cu_seqlens=None, input_pos=None, cache_rows=None, cache_len=None,
+                keep=None):
         # dropout on each sub-block's output, before it joins the residual stream
-        h = self.attention(self.attention_norm(x), cos, sin, cu_seqlens, input_pos, cache_rows, cache_len)
+        h = self.attention(self.attention_norm(x), cos, sin, cu_seqlens, input_pos, cache_rows, cache_len, keep)
+        if keep is not None:  # from here on only the kept positions: (B, 1, dim)
+            x = x[torch.arange(x.shape[0], device=x.device), keep][:, None]
         x = x + self.dropout(h)
         h = self.feed_forward(self.ffn_norm(x))
         return x + self.dropout(h)
@@ -472,9 +493,16 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device)
         cos, sin = rope_angles(positions, rope_frequencies(self.args, tokens.device))
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin, cu_seqlens, input_pos, cache_rows, cache_len)
-        if logits_at is not None:
+        # with logits_at, the last layer needs every position's keys and values (for the cache)
+        # but its query, attention output and feed-forward only at the kept positions: an eighth
+        # less prefill for an 8-layer model, a thirty-second for LLaMA-7B
+        keep = logits_at if logits_at is not None and targets is None and cu_seqlens is None else None
+        for i, layer in enumerate(self.layers):
+            last = keep is not None and i == len(self.layers) - 1
+            h = layer(h, cos, sin, cu_seqlens, input_pos, cache_rows, cache_len, keep if last else None)
+        if keep is not None:
+            h = h[:, 0]  # (B, dim)
+        elif logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at.to(h.device)]  # (B, dim)
         if targets is None:
             return self.output(self.norm(h)).float()

@@ -124,6 +124,12 @@ MUTATIONS = [
                  "(loss * (world_size / max(int((y != IGNORE_INDEX).sum()), 1))).backward()")),
     Mutation("step_count_of_examples", "the step's loss divided by its examples, not its trained tokens",
              "train.py", one("n_supervised = int(supervised[batch].sum())", "n_supervised = len(batch)")),
+    # ---- the loss: the fused output head and cross-entropy (model._HeadLoss) ----
+    Mutation("loss_grad_keeps_the_target", "the fused loss's gradient is the softmax alone, without - one_hot(target)",
+             "model.py", one("        e.scatter_add_(1, t[:, None], -grad[:, None])  # - one_hot(target) * grad\n", ""),
+             RECIPE + ("tests/test_model.py",)),
+    Mutation("loss_counts_ignored_targets", "the fused loss counts the ignored positions (target 0)", "model.py",
+             one("        grad = torch.where(valid, grad, 0.0)\n", ""), RECIPE + ("tests/test_model.py",)),
     # ---- packing: an example trains as it would alone ----
     Mutation("packing_ignored_in_the_step", "train_step runs the packed batch as one sequence", "train.py",
              one('loss = model(x, y, cu_seqlens=cu, reduction="sum")  # no logits',

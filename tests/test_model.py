@@ -179,6 +179,29 @@ def test_kv_cache_equals_full_forward_for_ragged_batch():
             assert (got - full[n:n + 6]).abs().max() < 1e-5
 
 
+def test_logits_at_runs_the_last_layer_only_where_needed():
+    # logits_at: the last layer's query, attention and feed-forward only at each row's kept
+    # position (its keys and values still at every position, for the cache): the same logits as
+    # the whole forward, without a cache, in a prefill, and in a later prefill chunk
+    args = tiny_args(n_kv_heads=2)
+    m = random_model(args)
+    tokens = torch.randint(0, args.vocab_size, (3, 12))
+    at = torch.tensor([11, 4, 7])
+    with torch.no_grad():
+        full = m(tokens)  # (3, 12, V)
+        want = full[torch.arange(3), at]
+        torch.testing.assert_close(m(tokens, logits_at=at), want, atol=1e-5, rtol=1e-5)
+        m.setup_cache(3, 16)
+        torch.testing.assert_close(m(tokens, logits_at=at), want, atol=1e-5, rtol=1e-5)
+        # positions 0..5 cached, then 6..11 as a chunk with input_pos; kept positions in it
+        m.setup_cache(3, 16)
+        m(tokens[:, :6], logits_at=torch.tensor([5, 4, 5]))
+        chunk = m(tokens[:, 6:], input_pos=torch.arange(6, 12).expand(3, 6), cache_len=12,
+                  logits_at=torch.tensor([5, 0, 1]))
+        m.clear_cache()
+    torch.testing.assert_close(chunk, full[torch.arange(3), torch.tensor([11, 6, 7])], atol=1e-5, rtol=1e-5)
+
+
 def test_residual_dropout_schedule():
     # LIMA §3: p_l = p_max * l / (L - 1), from 0 at the first layer to p_max at the last
     m = M.Transformer(tiny_args(n_layers=4, resid_dropout=0.3))

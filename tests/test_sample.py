@@ -363,11 +363,14 @@ def test_decoding_reads_the_cache_only_up_to_the_furthest_row(model, tok, monkey
                         lambda q, k, *a, **kw: (q.shape[2] == 1 and read.append(k.shape[2])) or real(q, k, *a, **kw))
     [out] = generate.generate(model, [prompts[1]], stop_ids=(), max_new_tokens=6, **GREEDY)
     assert generate.CACHE_STEP > len(prompts[1]) + 6  # the cache is longer than what is read
-    per_layer = read[::model.args.n_layers]
+    # the first: the prefill's last layer, where each row's one query (its last prompt token)
+    # reads the prompt's keys; then a decode step's, each layer in turn
+    assert read[0] == len(prompts[1])
+    per_layer = read[1::model.args.n_layers]
     assert per_layer == list(range(len(prompts[1]) + 1, len(prompts[1]) + 6))
     read.clear()
     generate.generate(model, prompts, stop_ids=(), max_new_tokens=3, **GREEDY)
-    assert read[::model.args.n_layers] == [len(prompts[1]) + 1, len(prompts[1]) + 2]  # the longer row
+    assert read[1::model.args.n_layers] == [len(prompts[1]) + 1, len(prompts[1]) + 2]  # the longer row
 
 
 def test_the_cache_grows_by_doubling(model, tok, monkeypatch):
