@@ -13,11 +13,13 @@ One forward serves three uses:
   where each starts; positions restart and attention stops at every boundary;
 - plain batches (B, T), every row one sequence from position 0;
 - decoding with a KV cache (`setup_cache`, then `input_pos`), as in gpt-fast; `cache_rows` when
-  a row of the cache takes a new prompt (continuous batching), `logits_at` for a prefill.
+  a row of the cache takes a new prompt (continuous batching), `logits_at` for a prefill (the
+  last layer then runs only where logits are wanted).
 LIMA's one architectural addition is depth-scaled residual dropout (LIMA §3); its one addition
 to the vocabulary is the end-of-turn token (`add_tokens`, `mean_rows`). With targets, the loss
 is computed over slices of tokens (`chunked_cross_entropy`), so the (tokens, vocab) logits never
-exist whole: 32 x 2048 tokens of Llama 3's 128,256-row vocabulary would be 33.6 GB in fp32.
+exist whole: 32 x 2048 tokens of Llama 3's 128,256-row vocabulary would be 33.6 GB in fp32;
+within a slice the head and the cross-entropy share one buffer (`_HeadLoss`).
 Loading and saving checkpoints is checkpoint.py's business.
 """
 
@@ -374,12 +376,15 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         k = apply_rope(k, cos, sin)
-        q_pos = input_pos if input_pos is not None else torch.arange(T, device=x.device).expand(B, T)
+        q_pos = input_pos  # (B, T) positions of the queries, where a mask needs them
         if keep is not None:
             rows = torch.arange(B, device=x.device)
-            x, q_pos = x[rows, keep][:, None], q_pos[rows, keep][:, None]  # (B, 1, dim), (B, 1)
-            pick = (lambda t: t[keep][:, None]) if cos.dim() == 2 else (lambda t: t[rows, keep][:, None])
-            cos, sin = pick(cos), pick(sin)  # (B, 1, head_dim // 2)
+            x = x[rows, keep][:, None]  # (B, 1, dim)
+            q_pos = keep[:, None] if input_pos is None else input_pos[rows, keep][:, None]  # (B, 1)
+            if cos.dim() == 2:  # (T, head_dim // 2): every row's positions 0..T-1
+                cos, sin = cos[keep][:, None], sin[keep][:, None]
+            else:  # (B, T, head_dim // 2)
+                cos, sin = cos[rows, keep][:, None], sin[rows, keep][:, None]
         q = apply_rope(self.wq(x).view(B, x.shape[1], self.n_heads, self.head_dim), cos, sin)
         if input_pos is not None:
             out = self._cached_attention(q, k, v, input_pos, cache_rows, cache_len, q_pos)
