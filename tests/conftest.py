@@ -15,6 +15,14 @@ WORDS = ("the cat sat on a mat while river stones hum quietly under bright green
          "seven happy robots answer questions about tea, maps, music, numbers: 1 2 3 4 5").split()
 
 
+def ctrl_c_reaches_the_child():
+    """Popen's preexec_fn for a test that presses Ctrl-C (SIGINT) on a child: the child starts
+    with SIGINT at its default, as from a terminal, even when the tests themselves were started
+    with it ignored (a shell's background job does that, and children inherit it)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def train_tiny_tokenizer(out_dir, vocab_size=300, seed=0):
     import sentencepiece as spm
     rng = random.Random(seed)

@@ -422,10 +422,11 @@ def test_serve_refuses_bad_flags_with_one_line(tmp_path, capsys):
 
 
 def test_the_command_serves_until_ctrl_c_and_stops_with_one_line(tmp_path):
+    from conftest import ctrl_c_reaches_the_child
     a, b = gen_files(tmp_path)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "evaluate.py"), "serve", "--a", a, "--b", b,
                              "--out_dir", str(tmp_path / "study"), "--port", "0"],
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, preexec_fn=ctrl_c_reaches_the_child)
     try:
         lines = [proc.stderr.readline() for _ in range(3)]
         m = re.search(r"open http://127\.0\.0\.1:(\d+)/ in a browser", "".join(lines))

@@ -645,10 +645,11 @@ def test_train_step_takes_no_step_on_a_non_finite_gradient(tmp_path):
 
 
 def test_ctrl_c_says_what_was_kept_and_the_command_that_continues(setup):
+    from conftest import ctrl_c_reaches_the_child
     out = setup / "interrupted"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--init_from", str(setup / "base"),
            "--data_dir", str(setup / "data"), "--out_dir", str(out), *FLAGS, "--epochs", "60", "--save_epochs", "60"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=ctrl_c_reaches_the_child)
     deadline = time.time() + 120
     while not (out / "resume" / "state.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
