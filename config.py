@@ -171,6 +171,11 @@ def set_cpu_threads(width, device):
     import torch
     if "OMP_NUM_THREADS" in os.environ or not str(device).startswith("cpu"):
         return torch.get_num_threads()
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(1 if width < WIDE else n)
+    torch.set_num_threads(1 if width < WIDE else usable_cores())
     return torch.get_num_threads()
+
+
+def usable_cores():
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    import os
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -484,7 +484,9 @@ class Transformer(nn.Module):
         caller knows how far its rows have got; default the whole cache, fixed shapes for
         torch.compile).
         logits_at: (B,) one position per row: only those logits, (B, vocab_size) (a prefill
-        needs the last prompt token's; the other positions' would be made and thrown away).
+        needs the last prompt token's; the other positions' would be made and thrown away), and
+        the last layer's query, attention and feed-forward only there. Not with targets or
+        cu_seqlens.
         reduction: "mean" over counted targets, "sum" (train.py divides by the number of
         supervised tokens in the whole optimizer step), or "none": (B, T) per-token losses,
         0 where the target is IGNORE_INDEX.
@@ -498,17 +500,16 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device)
         cos, sin = rope_angles(positions, rope_frequencies(self.args, tokens.device))
         h = self.tok_embeddings(tokens)
+        if logits_at is not None and (targets is not None or cu_seqlens is not None):
+            raise ValueError("logits_at is for a prefill: not with targets or cu_seqlens")
         # with logits_at, the last layer needs every position's keys and values (for the cache)
         # but its query, attention output and feed-forward only at the kept positions: an eighth
         # less prefill for an 8-layer model, a thirty-second for LLaMA-7B
-        keep = logits_at if logits_at is not None and targets is None and cu_seqlens is None else None
         for i, layer in enumerate(self.layers):
-            last = keep is not None and i == len(self.layers) - 1
-            h = layer(h, cos, sin, cu_seqlens, input_pos, cache_rows, cache_len, keep if last else None)
-        if keep is not None:
-            h = h[:, 0]  # (B, dim)
-        elif logits_at is not None:
-            h = h[torch.arange(B, device=h.device), logits_at.to(h.device)]  # (B, dim)
+            keep = logits_at if i == len(self.layers) - 1 else None
+            h = layer(h, cos, sin, cu_seqlens, input_pos, cache_rows, cache_len, keep)
+        if logits_at is not None:
+            h = h[:, 0]  # (B, dim): the last layer kept one position a row
         if targets is None:
             return self.output(self.norm(h)).float()
         # only the positions with a target reach the output head: the user's turns (LIMA trains

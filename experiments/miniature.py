@@ -67,7 +67,7 @@ import prepare_data  # noqa: E402
 import rundir  # noqa: E402
 import stats  # noqa: E402
 import train  # noqa: E402
-from config import parse_config  # noqa: E402
+import config  # noqa: E402
 from demo import world as W  # noqa: E402
 from generate import Decoding, decode, encode_prompt, prompt_seed, stop_ids  # noqa: E402
 from model import IGNORE_INDEX  # noqa: E402
@@ -111,19 +111,15 @@ def prepare_run(cfg, name, items, dev):
 def finetune(cfg, name, data_dir, save_epochs, lr=None):
     """train.py's demo preset (LIMA §3's recipe) from cfg.base on data_dir -> (the run directory,
     whether an earlier run had already finished it)."""
-    tcfg = finetune_config(cfg, name, data_dir, save_epochs, lr)
+    preset = dict(train.PRESETS["demo"])
+    lr = lr or cfg.lr or preset["lr"]
+    tcfg = replace(train.TrainConfig(**preset), init_from=cfg.base, data_dir=data_dir,
+                   out_dir=os.path.join(cfg.out_dir, name), epochs=cfg.epochs, lr=lr, min_lr=lr / 10,
+                   save_epochs=save_epochs, seed=cfg.seed)
     if finished(tcfg):
         return tcfg.out_dir, True
     train.train(tcfg)
     return tcfg.out_dir, False
-
-
-def finetune_config(cfg, name, data_dir, save_epochs, lr=None):
-    preset = dict(train.PRESETS["demo"])
-    lr = lr or cfg.lr or preset["lr"]
-    return replace(train.TrainConfig(**preset), init_from=cfg.base, data_dir=data_dir,
-                   out_dir=os.path.join(cfg.out_dir, name), epochs=cfg.epochs, lr=lr, min_lr=lr / 10,
-                   save_epochs=save_epochs, seed=cfg.seed)
 
 
 def finished(tcfg):
@@ -282,10 +278,6 @@ def answers_for(cfg, model_dir, which, n, seed, style=None, with_loss=False):
 
 
 # ---- processes: the fine-tunes, then the answers, shared out --------------------------------------
-
-def default_workers():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
 
 def _in_worker():
     # one thread per process: this model's ops are microseconds long and a second thread per
@@ -603,7 +595,7 @@ def run(cfg, command="python experiments/miniature.py"):
     t0 = time.time()
     if not os.path.isfile(os.path.join(cfg.base, "tokenizer.model")):
         raise SystemExit(f"{cfg.base}: no base model here; run `python demo/pretrain.py` first")
-    workers = cfg.workers or default_workers()
+    workers = cfg.workers or config.usable_cores()
     world = the_world(cfg.seed)
     curated = W.curated(world, cfg.curated, cfg.seed)
     dev = W.dev_set(world, seed=cfg.seed, exclude={it.prompt for it in curated})
@@ -642,7 +634,7 @@ def run(cfg, command="python experiments/miniature.py"):
 
 
 def main(argv=None):
-    cfg = parse_config(MiniatureConfig, argv)
+    cfg = config.parse_config(MiniatureConfig, argv)
     command = " ".join(["python experiments/miniature.py"] + (sys.argv[1:] if argv is None else argv))
     return run(cfg, command)
 
